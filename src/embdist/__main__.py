@@ -1,0 +1,50 @@
+"""Entry point: wires Hydra to the tasks (``python -m embdist`` and the ``embdist`` script)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from embdist import config, paths
+from embdist.sources import InputError
+from embdist.tracking import job_run
+
+log = logging.getLogger("embdist")
+
+OmegaConf.register_new_resolver("embdist.home", lambda: str(paths.home()), replace=True)
+config.register()
+
+
+def run_task(cfg: DictConfig) -> dict:
+    from embdist.tasks import overdensity, snapshots
+
+    tasks = {"overdensity": overdensity, "snapshots": snapshots}
+    OmegaConf.to_object(cfg)  # builds the typed objects: their __post_init__ checks run before any work
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
+    with job_run(cfg, run_dir, job_num, run_dir / f"{hc.job.name}.log") as rl:
+        return tasks[cfg.task.name].run(cfg, rl, run_dir)
+
+
+@hydra.main(version_base="1.3", config_path=paths.config_dir(), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_task(cfg)
+    except InputError as e:
+        # A user's mistake: one clear line, no traceback (unless HYDRA_FULL_ERROR=1).
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", e)
+        print(f"embdist: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

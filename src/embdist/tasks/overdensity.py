@@ -1,0 +1,94 @@
+"""Seed 1.4b: pairwise distances between the tokens inside a box of the PCA sky."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from embdist import geometry, pairwise as engine, sources, store
+from embdist.tracking import RunLog
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "distances.safetensors"
+# Seed keys: the L2 matrix is "distances"; the others get "<metric>_distances".
+KEYS = {"euclidean": "distances"}
+
+
+def key_for(metric: str) -> str:
+    return KEYS.get(metric, f"{metric}_distances")
+
+
+def run(cfg, rl: RunLog, out_dir: Path) -> dict:
+    path = cfg.model.path or sources.packaged_minilm_path()
+    with rl.stage("load"):
+        m = sources.load_matrix(path, cfg.model.tensor)
+    w = m.tensor
+    n_rows, dim = w.shape
+    log.info("Loaded %s from %s: %s %s", m.name, m.path, tuple(w.shape), w.dtype)
+    rl.tag("embdist.tensor", m.name)
+    rl.tag("embdist.tensor_file", m.path)
+    for key in ("north", "meridian", "equinox"):
+        number = cfg.basis[key]
+        if abs(number) > dim:
+            raise sources.InputError(f"basis.{key}={number} is beyond the matrix's {dim} dimensions; use ±1..±{dim}")
+
+    with rl.stage("pca"):
+        pcs = geometry.pca(w)
+    vec = {k: geometry.pc_vector(pcs, cfg.basis[k]) for k in ("north", "meridian", "equinox")}
+    with rl.stage("sky"):
+        sky = geometry.sky_coordinates(w, vec["north"], vec["meridian"], vec["equinox"])
+        box = dict(cfg.bbox)
+        ids = torch.where(geometry.in_box(sky, **box))[0]
+    n = len(ids)
+    log.info("Found %s tokens in bounding box %s", f"{n:,}", box)
+    if n < 2:
+        raise sources.InputError(
+            f"bounding box {box} selects {n} token(s) of {n_rows:,}; widen it (latitudes in this basis span "
+            f"{sky.lat.min():.1f}..{sky.lat.max():.1f}, radii {sky.r.min():.3f}..{sky.r.max():.3f})"
+        )
+    n_pairs = n * (n - 1) // 2
+    rl.metrics({"n_rows": n_rows, "n_tokens": n, "n_pairs": n_pairs})
+
+    metrics = list(cfg.metric.names)
+    dtype = store.DTYPES[cfg.task.dtype]
+    out_bytes = engine.output_nbytes(n) * len(metrics)
+    disk_bytes = sum(engine.output_nbytes(n, dtype) for _ in metrics) + n * 8
+    store.check_fits(out_bytes + x_bytes(n, dim), disk_bytes, out_dir,
+                     "narrow the bbox, or store task.dtype=float16")
+
+    x = w[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32
+    tensors: dict[str, torch.Tensor] = {"spike_token_ids": ids}
+    summary = {"n_tokens": n, "n_pairs": n_pairs}
+    for metric in metrics:
+        with rl.stage(f"pairwise_{metric}"):
+            d = engine.pairwise(x, metric, device=cfg.task.device, progress=cfg.task.progress)
+        with rl.stage(f"stats_{metric}"):
+            st = engine.upper_triangle_stats(d)
+        log_stats(metric, st)
+        rl.metrics({f"{metric}/{k}": v for k, v in st.items() if k != "n_pairs"})
+        summary[metric] = st
+        tensors[key_for(metric)] = d if d.dtype == dtype else d.to(dtype)
+        del d
+
+    with rl.stage("save"):
+        out = store.save_atomic(tensors, out_dir / OUTPUT, metadata={
+            "model": cfg.model.name, "tensor": m.name, "metrics": ",".join(metrics),
+        })
+    rl.output("distances", out)
+    log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1024**2)
+    return summary
+
+
+def x_bytes(n: int, dim: int) -> int:
+    return n * dim * 4
+
+
+def log_stats(metric: str, st: dict) -> None:
+    """The seed's summary block."""
+    log.info("%s distance statistics (excluding diagonal):", metric)
+    log.info("  Number of pairs: %s", f"{st['n_pairs']:,}")
+    for k in ("min", "median", "mean", "max"):
+        log.info("  %s: %.10f", k.capitalize(), st[k])
+    log.info("Exact zeros (off-diagonal): %s", f"{st['zero_pairs']:,}")

@@ -1,0 +1,83 @@
+"""Seed 08.4b: distance matrices for every snapshot of a training run."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from embdist import pairwise as engine, paths, sources, store
+from embdist.tracking import RunLog
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "pairwise_distances.safetensors"
+
+
+def history_path(cfg) -> Path:
+    """The configured history, or the bundled toy run (trained once, then reused)."""
+    if cfg.history.path:
+        return Path(cfg.history.path)
+    path = paths.default_history_path()
+    if not path.is_file():
+        from embdist.toytrain import train_snapshots
+
+        log.info("Training the bundled toy run once (%d steps) into %s", cfg.history.toy_steps, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_snapshots(path, steps=cfg.history.toy_steps, seed=cfg.seed, progress=cfg.task.progress)
+    return path
+
+
+def validate(shape, h) -> None:
+    """As the seed: a step-count mismatch warns, a (vocab, dim) mismatch is an error."""
+    t, v, d = shape
+    if h.expected_steps is not None and t != h.expected_steps:
+        log.warning("Snapshot count mismatch! Expected %s, got %s", f"{h.expected_steps:,}", f"{t:,}")
+    expected = (h.vocab_size or v, h.hidden_dim or d)
+    if (v, d) != expected:
+        raise sources.InputError(
+            f"history has (vocab, dim) = {(v, d)} but the config expects {expected}; "
+            "set history.vocab_size / history.hidden_dim (or null to accept any)"
+        )
+
+
+def run(cfg, rl: RunLog, out_dir: Path) -> dict:
+    path = history_path(cfg)
+    with rl.stage("load"):
+        history = sources.load_history(path, cfg.history.tensor)
+    t, v, d = history.shape
+    log.info("Loaded %s from %s: %s %s", cfg.history.tensor, path, tuple(history.shape), history.dtype)
+    rl.tag("embdist.history_file", Path(path).resolve())
+    validate(history.shape, cfg.history)
+    n_pairs = v * (v - 1) // 2
+    rl.metrics({"n_steps": t, "n_tokens": v, "n_pairs": n_pairs})
+
+    metrics = list(cfg.metric.names)
+    dtype = store.DTYPES[cfg.task.dtype]
+    per_metric = t * v * v
+    store.check_fits(per_metric * 4 * len(metrics), per_metric * dtype.itemsize * len(metrics), out_dir,
+                     "store task.dtype=float16, or analyse fewer snapshots")
+
+    tensors, summary = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}
+    for metric in metrics:
+        with rl.stage(f"pairwise_{metric}"):
+            dist = engine.pairwise_snapshots(history, metric, out_dtype=dtype, device=cfg.task.device,
+                                             progress=cfg.task.progress)
+        with rl.stage(f"stats_{metric}"):
+            per_step = engine.snapshot_step_stats(dist)
+            final = engine.upper_triangle_stats(dist[-1])
+            initial = engine.upper_triangle_stats(dist[0])
+        for k in ("min", "mean", "max"):
+            rl.series(f"{metric}/{k}", per_step[k].tolist())
+        rl.series(f"{metric}/zero_pairs", per_step["zero_pairs"].tolist())
+        # The series end at the final step, so the run's latest values are the final snapshot's.
+        rl.metrics({f"{metric}/median": final["median"]}, step=t - 1)
+        rl.metrics({f"{metric}/initial_{k}": initial[k] for k in ("min", "mean", "max")})
+        log.info("%s: initial (step 0) min=%.6f, max=%.6f, mean=%.6f", metric, initial["min"], initial["max"], initial["mean"])
+        log.info("%s: final (step %d) min=%.6f, max=%.6f, mean=%.6f", metric, t - 1, final["min"], final["max"], final["mean"])
+        summary[metric] = {"initial": initial, "final": final}
+        tensors[f"{metric}_distances"] = dist
+
+    with rl.stage("save"):
+        out = store.save_atomic(tensors, out_dir / OUTPUT, metadata={"history": str(path), "metrics": ",".join(metrics)})
+    rl.output("pairwise_distances", out)
+    log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    return summary

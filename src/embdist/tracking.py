@@ -1,0 +1,230 @@
+"""MLflow tracking: one run per job, one parent run per multirun sweep.
+
+The engine and the tasks know nothing of MLflow; a task gets a ``RunLog`` and reports
+through it. Runs are driven with ``MlflowClient`` (no fluent "active run"), so a job that
+raises is marked FAILED (KILLED on Ctrl-C) here, not closed as FINISHED by MLflow's exit hook
+after Hydra turns the exception into ``sys.exit(1)``.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import random
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from embdist import paths
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "EMBDIST_PARENT_RUN_ID"
+_BATCH = 1000  # MLflow's per-request limit for metrics (params: 100)
+
+
+def tracking_uri(configured: str | None) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the project's SQLite store (absolute)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or paths.default_tracking_uri()
+
+
+def retry(fn: Callable[[], Any], tries: int = 10) -> Any:
+    """Call fn, backing off on SQLite contention ("database is locked") between parallel jobs."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as e:  # MlflowException / sqlalchemy OperationalError
+            text = str(e).lower()
+            if attempt == tries - 1 or not ("locked" in text or "busy" in text or "unique constraint" in text):
+                raise
+            time.sleep(0.05 * 2**attempt * (1 + random.random()))
+
+
+def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """Experiment id for name, created once (race-safe: a parallel creator wins, we re-read)."""
+    exp = retry(lambda: client.get_experiment_by_name(name))
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database, not in a ./mlruns of whatever the cwd is.
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        exp = retry(lambda: client.get_experiment_by_name(name))
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunLog:
+    """What a task may report: metrics, series over steps, stage timings, output files."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._log([Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def series(self, key: str, values, steps=None) -> None:
+        """One metric over steps, so the UI draws it as a curve."""
+        now = int(time.time() * 1000)
+        steps = range(len(values)) if steps is None else steps
+        self._log([Metric(key, float(v), now, int(s)) for s, v in zip(steps, values)])
+
+    def _log(self, ms: list[Metric]) -> None:
+        for i in range(0, len(ms), _BATCH):
+            retry(lambda: self.client.log_batch(self.run_id, metrics=ms[i : i + _BATCH]))
+
+    def params(self, values: Mapping[str, str]) -> None:
+        items = [Param(k, v) for k, v in values.items()]
+        for i in range(0, len(items), 100):
+            retry(lambda: self.client.log_batch(self.run_id, params=items[i : i + 100]))
+
+    def tag(self, key: str, value: Any) -> None:
+        retry(lambda: self.client.set_tag(self.run_id, key, str(value)[:5000]))
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        log.info("stage %s: %.2f s", name, seconds)
+        self.metrics({f"time/{name}_s": seconds})
+
+    def output(self, name: str, path: Path) -> None:
+        """Record an output file on the run: its absolute path and its sha256."""
+        path = Path(path).resolve()
+        self.tag(f"output.{name}", path)
+        self.tag(f"sha256.{name}", sha256(path))
+
+    def artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+        retry(lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path))
+
+    def artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
+        retry(lambda: self.client.log_artifact(self.run_id, str(local_file), artifact_path))
+
+
+def _run_name(cfg: DictConfig, job_num: int | None) -> str:
+    subject = cfg.history.name if cfg.task.name == "snapshots" else cfg.model.name
+    name = f"{cfg.task.name}:{subject}"
+    return name if job_num is None else f"{name}#{job_num}"
+
+
+@contextmanager
+def job_run(cfg: DictConfig, run_dir: Path, job_num: int | None = None, log_file: Path | None = None) -> Iterator[RunLog]:
+    """One MLflow run around a job: params in, FINISHED / FAILED / KILLED out, artifacts logged."""
+    uri = tracking_uri(cfg.tracking.uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = ensure_experiment(client, cfg.tracking.experiment, uri)
+    tags = {"embdist.task": cfg.task.name, "embdist.run_dir": str(run_dir)}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = retry(lambda: client.create_run(exp_id, run_name=_run_name(cfg, job_num), tags=tags))
+    rl = RunLog(client, run.info.run_id)
+    log.info("MLflow run %s in experiment %r at %s", run.info.run_id, cfg.tracking.experiment, uri)
+    status = RunStatus.to_string(RunStatus.FINISHED)
+    try:
+        rl.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        yield rl
+    except KeyboardInterrupt:
+        status = RunStatus.to_string(RunStatus.KILLED)
+        rl.tag("error", "interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as e:
+        status = RunStatus.to_string(RunStatus.FAILED)
+        rl.tag("error", f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
+        raise
+    finally:
+        try:
+            rl.metrics({"peak_rss_mb": peak_rss_mb()})
+            hydra_dir = run_dir / ".hydra"
+            if hydra_dir.is_dir():
+                rl.artifacts(hydra_dir, ".hydra")
+            if log_file is not None and log_file.is_file():
+                for h in logging.getLogger().handlers:
+                    h.flush()
+                rl.artifact(log_file)
+        finally:
+            retry(lambda: client.set_terminated(rl.run_id, status))
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: a multirun sweep gets one parent MLflow run; its jobs become children.
+
+    Runs in the launching process before any job starts, so it also creates the experiment
+    once (parallel jobs on a fresh SQLite store would race on it). The id travels to the jobs
+    in an environment variable, which launchers' worker processes inherit.
+    """
+
+    def __init__(self) -> None:
+        self.client: MlflowClient | None = None
+        self.run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        uri = tracking_uri(config.tracking.uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)
+        overrides = list(config.hydra.overrides.task)
+        run = retry(lambda: self.client.create_run(
+            exp_id,
+            run_name=f"sweep:{config.task.name}",
+            tags={"embdist.sweep": "parent", "embdist.sweep_dir": str(config.hydra.sweep.dir),
+                  "embdist.overrides": " ".join(overrides)},
+        ))
+        self.run_id = run.info.run_id
+        os.environ[PARENT_ENV] = self.run_id
+        atexit.register(self._close, RunStatus.to_string(RunStatus.FAILED))
+        log.info("MLflow parent run %s for this sweep", self.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is None:
+            return
+        children = retry(lambda: self.client.search_runs(
+            [self.client.get_run(self.run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+        ))
+        failed = [r for r in children if r.info.status != "FINISHED"]
+        self.client.log_metric(self.run_id, "jobs", len(children))
+        self.client.log_metric(self.run_id, "jobs_failed", len(failed))
+        self._close(RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+    def _close(self, status: str) -> None:
+        if self.run_id is not None and self.client is not None:
+            run_id, self.run_id = self.run_id, None
+            os.environ.pop(PARENT_ENV, None)
+            retry(lambda: self.client.set_terminated(run_id, status))

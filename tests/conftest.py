@@ -1,0 +1,71 @@
+"""Shared fixtures: real subprocesses of `python -m embdist`, each in its own embdist home."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """Values exactly representable in bf16 (so fp32 and float64 references see the same data)."""
+    return torch.from_numpy(np.asarray(a, dtype=np.float32)).to(torch.bfloat16).float().numpy()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A private embdist home: its own mlflow.db, outputs/ and data/."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("EMBDIST_HOME", str(h))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return h
+
+
+def run_embdist(*args: str, home: Path, check: bool = True, env: dict | None = None, timeout: int = 600):
+    e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    e.update({"EMBDIST_HOME": str(home), "PYTHONUNBUFFERED": "1"})
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "embdist", *args], cwd=home, env=e, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"embdist {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+    return p
+
+
+def client_for(home: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+
+
+def runs_of(home: Path, experiment: str = "embdist"):
+    c = client_for(home)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment!r} not in {home / 'mlflow.db'}"
+    return c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture
+def planted_matrix(tmp_path) -> tuple[Path, np.ndarray, list[list[int]]]:
+    """A real safetensors "checkpoint": 300 x 48 bf16 rows with planted duplicate groups and
+    near-duplicates one bf16 step apart, stored under the tied-embedding name."""
+    rng = np.random.default_rng(7)
+    w = bf16_round(rng.normal(0, 0.05, (300, 48)))
+    groups = [[3, 50, 51, 299], [10, 11], [100, 120, 140, 160, 180, 200]]
+    for g in groups:
+        w[g] = w[g[0]]
+    t = torch.from_numpy(w[20].copy()).to(torch.bfloat16)
+    bits = t.view(torch.int16).clone()
+    bits[5] += 1  # one bf16 step in one coordinate
+    w[21] = bits.view(torch.bfloat16).float().numpy()
+    path = tmp_path / "planted.safetensors"
+    save_file({"model.embed_tokens.weight": torch.from_numpy(w).to(torch.bfloat16),
+               "model.norm.weight": torch.ones(48, dtype=torch.bfloat16)}, str(path))
+    return path, w, groups
