@@ -69,3 +69,26 @@ def planted_matrix(tmp_path) -> tuple[Path, np.ndarray, list[list[int]]]:
     save_file({"model.embed_tokens.weight": torch.from_numpy(w).to(torch.bfloat16),
                "model.norm.weight": torch.ones(48, dtype=torch.bfloat16)}, str(path))
     return path, w, groups
+
+
+def numpy_sky(w: np.ndarray, north: int, meridian: int, equinox: int):
+    """Independent float64 reference of the PCA sky: SVD of the centred matrix, the documented
+    sign rule (largest |loading| positive), projection of the uncentred rows."""
+    w = w.astype(np.float64)
+    _, _, vt = np.linalg.svd(w - w.mean(0), full_matrices=False)
+    v = vt.T
+    v = v * np.sign(v[np.abs(v).argmax(0), np.arange(v.shape[1])])
+
+    def pc(k):
+        return np.sign(k) * v[:, abs(k) - 1]
+
+    x, y, z = w @ pc(meridian), w @ pc(equinox), w @ pc(north)
+    r = np.sqrt(x**2 + y**2 + z**2)
+    return np.degrees(np.arcsin(np.clip(z / r, -1, 1))), np.degrees(np.arctan2(y, x)), r
+
+
+def upper_stats(d: np.ndarray) -> dict:
+    """float64 reference statistics over the strict upper triangle; median = lower median (torch's)."""
+    v = np.sort(d[np.triu_indices(len(d), 1)].astype(np.float64))
+    return {"n_pairs": len(v), "min": v[0], "median": v[(len(v) - 1) // 2], "mean": v.mean(), "max": v[-1],
+            "zero_pairs": int((v == 0).sum())}
