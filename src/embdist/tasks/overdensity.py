@@ -29,6 +29,9 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     log.info("Loaded %s from %s: %s %s", m.name, m.path, tuple(w.shape), w.dtype)
     rl.tag("embdist.tensor", m.name)
     rl.tag("embdist.tensor_file", m.path)
+    w, kept = sources.finite_rows(w, drop=cfg.model.drop_nonfinite, what=f"{m.name} in {m.path}")
+    if kept is not None:
+        rl.metrics({"n_rows_nonfinite_dropped": n_rows - len(kept)})
     for key in ("north", "meridian", "equinox"):
         number = cfg.basis[key]
         if abs(number) > dim:
@@ -43,10 +46,13 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         ids = torch.where(geometry.in_box(sky, **box))[0]
     n = len(ids)
     log.info("Found %s tokens in bounding box %s", f"{n:,}", box)
+    if kept is not None:
+        ids = kept[ids]  # token ids of the original matrix
     if n < 2:
+        wider, n_wider = geometry.nearest_wider_box(sky, box)
+        wider = ", ".join(f"bbox.{k}={v:g}" for k, v in wider.items())
         raise sources.InputError(
-            f"bounding box {box} selects {n} token(s) of {n_rows:,}; widen it (latitudes in this basis span "
-            f"{sky.lat.min():.1f}..{sky.lat.max():.1f}, radii {sky.r.min():.3f}..{sky.r.max():.3f})"
+            f"the bounding box selects {n} token(s) of {n_rows:,}; the nearest wider box ({wider}) holds {n_wider:,}"
         )
     n_pairs = n * (n - 1) // 2
     rl.metrics({"n_rows": n_rows, "n_tokens": n, "n_pairs": n_pairs})
@@ -58,7 +64,7 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     store.check_fits(out_bytes + x_bytes(n, dim), disk_bytes, out_dir,
                      "narrow the bbox, or store task.dtype=float16")
 
-    x = w[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32
+    x = m.tensor[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32
     tensors: dict[str, torch.Tensor] = {"spike_token_ids": ids}
     summary = {"n_tokens": n, "n_pairs": n_pairs}
     for metric in metrics:
