@@ -23,6 +23,7 @@ class TaskConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "float32"  # storage dtype of the distance matrices written to disk
     progress: bool = True
+    memory_limit_gb: Optional[float] = None  # plan at most this much for the matrices (null: what is free)
 
     def __post_init__(self):
         if self.name not in ("overdensity", "snapshots"):

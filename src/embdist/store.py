@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from embdist.sources import InputError
@@ -25,13 +29,19 @@ def available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(ram_bytes: int, disk_bytes: int, folder: Path, hint: str) -> None:
-    """Refuse, with the numbers and a way out, before allocating what cannot fit."""
+def check_fits(ram_bytes: int, disk_bytes: int, folder: Path, hint: str, limit_gb: float | None = None) -> None:
+    """Refuse, with the numbers and a way out, before allocating what cannot fit.
+
+    ``limit_gb`` (task.memory_limit_gb) caps the memory a run may plan to use below what is free.
+    """
     gib = 1024**3
     ram = available_ram()
+    what = "is available"
+    if limit_gb is not None and limit_gb * gib < ram:
+        ram, what = int(limit_gb * gib), "is allowed by task.memory_limit_gb"
     if ram_bytes > ram:
         raise InputError(
-            f"the distance matrices need {ram_bytes / gib:.2f} GiB of memory but {ram / gib:.2f} GiB is available; {hint}"
+            f"the distance matrices need {ram_bytes / gib:.2f} GiB of memory but {ram / gib:.2f} GiB {what}; {hint}"
         )
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -55,3 +65,25 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback: fail in one line, before Hydra creates it, when the run folder cannot be written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: Path, key: str) -> None:
+        probe = folder / f".embdist-write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            print(f"embdist: error: cannot write the run folder {str(folder)!r} ({e.strerror}); "
+                  f"set {key} to a writable folder", file=sys.stderr)
+            sys.exit(2)

@@ -62,12 +62,14 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     out_bytes = engine.output_nbytes(n) * len(metrics)
     disk_bytes = sum(engine.output_nbytes(n, dtype) for _ in metrics) + n * 8
     store.check_fits(out_bytes + x_bytes(n, dim), disk_bytes, out_dir,
-                     "narrow the bbox, or store task.dtype=float16")
+                     "narrow the bbox, or store task.dtype=float16",
+                     cfg.task.memory_limit_gb)
 
     x = m.tensor[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32
     tensors: dict[str, torch.Tensor] = {"spike_token_ids": ids}
     summary = {"n_tokens": n, "n_pairs": n_pairs}
     for metric in metrics:
+        log.info("Computing %s distances between %s tokens", metric, f"{n:,}")
         with rl.stage(f"pairwise_{metric}"):
             d = engine.pairwise(x, metric, device=cfg.task.device, progress=cfg.task.progress)
         with rl.stage(f"stats_{metric}"):

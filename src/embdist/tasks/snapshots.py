@@ -54,10 +54,11 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     dtype = store.DTYPES[cfg.task.dtype]
     per_metric = t * v * v
     store.check_fits(per_metric * 4 * len(metrics), per_metric * dtype.itemsize * len(metrics), out_dir,
-                     "store task.dtype=float16, or analyse fewer snapshots")
+                     "store task.dtype=float16, or analyse fewer snapshots", cfg.task.memory_limit_gb)
 
     tensors, summary = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}
     for metric in metrics:
+        log.info("Computing %s distances for %s snapshots of %d tokens", metric, f"{t:,}", v)
         with rl.stage(f"pairwise_{metric}"):
             dist = engine.pairwise_snapshots(history, metric, out_dtype=dtype, device=cfg.task.device,
                                              progress=cfg.task.progress)

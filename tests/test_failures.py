@@ -1,0 +1,293 @@
+"""Bad input, interruptions and full disks, met as a user meets them: `python -m embdist ...`
+in a subprocess. Each case checks the message, the exit status, the MLflow run and the files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_embdist, runs_of
+
+CUSTOM = ("model=custom", "task.progress=false")
+
+
+def fails(home: Path, *args: str, message: str, run_status: str | None = "FAILED", code: int = 2):
+    """Run, expect a clean failure: exit code, one-line message, no traceback, run marked, no outputs."""
+    p = run_embdist(*args, home=home, check=False)
+    assert p.returncode == code, p.stderr
+    assert message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    db = home / "mlflow.db"
+    runs = runs_of(home) if db.exists() else []
+    jobs = [r for r in runs if r.data.tags.get("embdist.sweep") != "parent"]
+    if run_status is None:
+        assert jobs == []  # refused before any run was started
+    else:
+        (run,) = jobs
+        assert run.info.status == run_status
+        assert message in run.data.tags["error"]
+        assert not list(Path(run.data.tags["embdist.run_dir"]).glob("*.safetensors*"))
+    assert not list((home / "outputs").rglob("*.safetensors*")) if (home / "outputs").exists() else True
+    return p
+
+
+@pytest.fixture
+def matrix(tmp_path):
+    w = torch.randn(200, 16, generator=torch.Generator().manual_seed(0)) * 0.1
+    path = tmp_path / "m.safetensors"
+    save_file({"model.embed_tokens.weight": w.to(torch.bfloat16)}, str(path))
+    return path
+
+
+# --- inputs that are not there, not safetensors, or not what they claim -------------------------
+
+def test_missing_model_path(home, tmp_path):
+    fails(home, *CUSTOM, f"model.path={tmp_path / 'nope'}", message="does not exist")
+
+
+def test_folder_without_safetensors(home, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    fails(home, *CUSTOM, f"model.path={tmp_path / 'ckpt'}", message="holds no .safetensors file")
+
+
+def test_truncated_safetensors(home, tmp_path, matrix):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(matrix.read_bytes()[:3000])
+    fails(home, *CUSTOM, f"model.path={cut}", message="truncated")
+
+
+def test_corrupt_header(home, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    fails(home, *CUSTOM, f"model.path={bad}", message="not safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt"])
+def test_pickle_checkpoints_are_refused_never_unpickled(home, tmp_path, suffix):
+    marker = tmp_path / "unpickled"
+    # A pickle that would create a file if it were ever loaded.
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    (tmp_path / f"pytorch_model{suffix}").write_bytes(payload)
+    fails(home, *CUSTOM, f"model.path={tmp_path / f'pytorch_model{suffix}'}", message="pickle checkpoint")
+    assert not marker.exists()
+
+
+def test_tensor_name_not_in_file_lists_names(home, matrix):
+    fails(home, *CUSTOM, f"model.path={matrix}", "model.tensor=lm_head.weight",
+          message="it holds: model.embed_tokens.weight")
+
+
+def test_matrix_not_2d(home, tmp_path):
+    p = tmp_path / "cube.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 4, 4)}, str(p))
+    fails(home, *CUSTOM, f"model.path={p}", message="must be 2-D")
+
+
+def _history(tmp_path, shape):
+    p = tmp_path / "h.safetensors"
+    save_file({"embedding_history": torch.randn(*shape).to(torch.bfloat16)}, str(p))
+    return p
+
+
+def test_history_not_3d(home, tmp_path):
+    p = _history(tmp_path, (5, 16))
+    fails(home, "task=snapshots", f"history.path={p}", "task.progress=false", message="must be 3-D")
+
+
+def test_history_dimensions_contradict_config(home, tmp_path):
+    p = _history(tmp_path, (5, 16, 8))
+    fails(home, "task=snapshots", f"history.path={p}", "task.progress=false",
+          message="history has (vocab, dim) = (16, 8) but the config expects (128, 64)")
+
+
+# --- NaN / Inf rows ------------------------------------------------------------------------------
+
+def test_nonfinite_rows_named_and_optionally_dropped(home, tmp_path):
+    w = torch.randn(100, 8, generator=torch.Generator().manual_seed(1))
+    w[7, 2], w[42, 0] = float("nan"), float("inf")
+    p = tmp_path / "nan.safetensors"
+    save_file({"model.embed_tokens.weight": w}, str(p))
+    fails(home, *CUSTOM, f"model.path={p}", "bbox=all", message="2 rows of model.embed_tokens.weight")
+    assert "token ids 7, 42" in runs_of(home)[0].data.tags["error"]
+    run_embdist(*CUSTOM, f"model.path={p}", "bbox=all", "model.drop_nonfinite=true", home=home)
+    run = runs_of(home)[-1]
+    assert run.info.status == "FINISHED" and run.data.metrics["n_rows_nonfinite_dropped"] == 2
+    ids = load_file(run.data.tags["output.distances"])["spike_token_ids"].tolist()
+    assert ids == [i for i in range(100) if i not in (7, 42)]  # original token ids
+
+
+# --- the box and the basis -----------------------------------------------------------------------
+
+def test_empty_box_suggests_the_nearest_wider_box(home, matrix):
+    p = fails(home, *CUSTOM, f"model.path={matrix}", "bbox=all", "bbox.r_min=100", "bbox.r_max=101",
+              message="the bounding box selects 0 token(s) of 200; the nearest wider box (")
+    assert "holds" in p.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("bbox.lat_min=10", "bbox.lat_min=10.0 is above bbox.lat_max=5.0"),
+    ("bbox.lat_max=91", "bbox.lat_max=91.0 is outside [-90, 90]"),
+    ("bbox.lon_min=-181", "bbox.lon_min=-181.0 is outside [-180, 180]"),
+    ("bbox.r_min=-0.5", "bbox.r_min=-0.5 is negative"),
+    ("basis.north=0", "basis.north=0: principal components are numbered from 1"),
+    ("basis.meridian=-2", "repeats a principal component"),
+])
+def test_box_and_basis_values_fail_before_any_run(home, matrix, override, message):
+    args = [*CUSTOM, f"model.path={matrix}", "bbox.lat_max=5", override]
+    fails(home, *args, message=message, run_status=None)
+
+
+def test_pc_beyond_the_dimension(home, matrix):
+    fails(home, *CUSTOM, f"model.path={matrix}", "basis.equinox=17",
+          message="basis.equinox=17 is beyond the matrix's 16 dimensions")
+
+
+# --- unknown names and wrong types: Hydra's own message from the typed schema -------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("metric=hamming", "Could not find 'metric/hamming'"),
+    ("task=cluster", "Could not find 'task/cluster'"),
+    ("bbox.colour=red", "Key 'colour' not in 'BBoxConfig'"),
+    ("bbox.lat_min=north", "could not be converted to Float"),
+])
+def test_unknown_option_key_or_type(home, override, message):
+    p = run_embdist(override, home=home, check=False)
+    assert p.returncode == 1 and message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (home / "mlflow.db").exists()  # nothing started
+
+
+# --- room to write -------------------------------------------------------------------------------
+
+def test_output_larger_than_memory_is_refused_with_numbers(home, matrix):
+    fails(home, *CUSTOM, f"model.path={matrix}", "bbox=all", "task.memory_limit_gb=0.0000001",
+          message="of memory but 0.00 GiB is allowed by task.memory_limit_gb")
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    d = tmp_path / "disk"
+    if not _tmpfs(d, "2m"):
+        pytest.skip("needs permission to mount a tmpfs")
+    yield d
+    subprocess.run(["umount", "-l", str(d)])
+
+
+def test_output_larger_than_free_disk_is_refused(home, small_disk, tmp_path):
+    w = torch.randn(1200, 8, generator=torch.Generator().manual_seed(2))
+    p = tmp_path / "m.safetensors"
+    save_file({"model.embed_tokens.weight": w}, str(p))
+    fails(home, *CUSTOM, f"model.path={p}", "bbox=all", f"hydra.run.dir={small_disk / 'run'}",
+          message="on disk but")
+
+
+def test_unwritable_run_folder(home, tmp_path, matrix):
+    (tmp_path / "a_file").write_text("")
+    fails(home, *CUSTOM, f"model.path={matrix}", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}",
+          message="cannot write the run folder", run_status=None)
+
+
+# --- interrupted and out-of-space runs leave nothing half-written --------------------------------
+
+def _start(home: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(EMBDIST_HOME=str(home), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "embdist", *args], cwd=home, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if text in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}:\n{seen}")
+
+
+def test_ctrl_c_mid_computation(home, tmp_path):
+    # 24,000 rows: the Chebyshev matrix takes seconds, long enough to interrupt.
+    w = torch.randn(24000, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    p = tmp_path / "big.safetensors"
+    save_file({"model.embed_tokens.weight": w}, str(p))
+    run_dir = tmp_path / "run"
+    proc = _start(home, *CUSTOM, f"model.path={p}", "bbox=all", "metric=chebyshev", f"hydra.run.dir={run_dir}")
+    _wait_for(proc, "Computing chebyshev distances")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "embdist: interrupted" in out and "Traceback" not in out
+    assert [f.name for f in run_dir.iterdir() if not f.name.startswith(".hydra")] == ["embdist.log"]
+    (run,) = runs_of(home)
+    assert run.info.status == "KILLED"
+
+
+def test_disk_full_during_write(home, tmp_path):
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "64m"):
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        w = torch.randn(3000, 64, generator=torch.Generator().manual_seed(4))
+        p = tmp_path / "m.safetensors"
+        save_file({"model.embed_tokens.weight": w}, str(p))
+        run_dir = disk / "run"
+        proc = _start(home, *CUSTOM, f"model.path={p}", "bbox=all", f"hydra.run.dir={run_dir}")
+        _wait_for(proc, "Computing euclidean distances")  # the free-space check has passed
+        proc.send_signal(signal.SIGSTOP)
+        with open(disk / "filler", "wb") as f:  # another process fills the disk meanwhile
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        proc.send_signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 1, out
+        assert "No space left on device" in out
+        assert not [f for f in run_dir.iterdir() if "safetensors" in f.name]  # no final file, no temporary
+        (run,) = runs_of(home)
+        assert run.info.status == "FAILED" and "No space left" in run.data.tags["error"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+# --- parallel sweeps and reproducibility -------------------------------------------------------
+
+def test_parallel_joblib_sweep_loses_no_run(home, matrix):
+    lats = ",".join(str(v) for v in (-90, -60, -40, -20, -10, 0, 10, 20))
+    run_embdist("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *CUSTOM, f"model.path={matrix}",
+                "bbox=all", f"bbox.lat_min={lats}", home=home)
+    runs = runs_of(home)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+    assert all("n_tokens" in r.data.metrics and "euclidean/mean" in r.data.metrics for r in children)
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert [e.name for e in c.search_experiments()].count("embdist") == 1
+
+
+def test_same_input_gives_bit_identical_outputs(home, matrix):
+    for _ in range(2):
+        run_embdist(*CUSTOM, f"model.path={matrix}", "bbox=all", "metric=both", home=home)
+    a, b = runs_of(home)
+    assert a.data.tags["sha256.distances"] == b.data.tags["sha256.distances"]
+    assert a.data.tags["output.distances"] != b.data.tags["output.distances"]
