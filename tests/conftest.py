@@ -92,3 +92,15 @@ def upper_stats(d: np.ndarray) -> dict:
     v = np.sort(d[np.triu_indices(len(d), 1)].astype(np.float64))
     return {"n_pairs": len(v), "min": v[0], "median": v[(len(v) - 1) // 2], "mean": v.mean(), "max": v[-1],
             "zero_pairs": int((v == 0).sum())}
+
+
+def assert_png(path: Path) -> None:
+    """A real, decodable PNG that is not blank."""
+    import matplotlib.image
+
+    path = Path(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0.02, f"{path} looks blank"
+    assert len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 20, f"{path} has too few colours"

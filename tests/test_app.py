@@ -10,8 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy.spatial.distance import cdist
 
-from conftest import bf16_round, client_for, numpy_sky, run_embdist, runs_of, upper_stats
+from conftest import assert_png, bf16_round, client_for, numpy_sky, run_embdist, runs_of, upper_stats
 from embdist import sources
+from embdist.tables import read_csv
 from embdist.tracking import sha256
 
 
@@ -57,6 +58,32 @@ def test_overdensity_planted_groups_both_metrics(home, planted_matrix):
     hydra_arts = {a.path for a in client_for(home).list_artifacts(run.info.run_id, ".hydra")}
     assert ".hydra/config.yaml" in hydra_arts and ".hydra/overrides.yaml" in hydra_arts
 
+    # Tables agree with the run's numbers and with the references.
+    run_dir = Path(run.data.tags["embdist.run_dir"])
+    rows = read_csv(run_dir / "tokens.csv")
+    assert len(rows) == m["n_tokens"] == 300
+    assert [int(r["id"]) for r in rows] == list(range(300))
+    assert all(r["category"] == "unknown" and r["string"] == r["id"] for r in rows)  # no tokenizer here
+    masked = ref + np.diag(np.full(300, np.inf))
+    for r in rows:
+        i = int(r["id"])
+        assert int(r["nearest_id"]) == int(np.argmin(masked[i]))  # ties: smaller id
+        assert float(r["nearest_euclidean"]) == pytest.approx(masked[i].min(), rel=2e-6, abs=0)
+        assert float(r["norm"]) == pytest.approx(np.linalg.norm(w[i].astype(np.float64)), rel=1e-12)
+    assert min(float(r["nearest_euclidean"]) for r in rows) == m["euclidean/min"]
+    grp = read_csv(run_dir / "duplicate_groups.csv")
+    assert sorted(int(g["size"]) for g in grp) == sorted(len(g) for g in groups)
+    assert sum(int(g["pairs"]) for g in grp) == m["euclidean/zero_pairs"]
+    members = {tuple(int(v) for v in g["member_ids"].split()) for g in grp}
+    assert members == {tuple(g) for g in groups}
+    assert m["duplicate_groups"] == 3 and m["distinct_vectors"] == 300 - 9
+    for png in ("sky_map", "euclidean_histogram", "chebyshev_histogram", "euclidean_heatmap", "group_sizes"):
+        assert_png(run_dir / f"{png}.png")
+    plots = {a.path for a in client_for(home).list_artifacts(run.info.run_id, "plots")}
+    tables = {a.path for a in client_for(home).list_artifacts(run.info.run_id, "tables")}
+    assert "plots/sky_map.png" in plots and "plots/euclidean_histogram.png" in plots
+    assert tables == {"tables/tokens.csv", "tables/duplicate_groups.csv"}
+
 
 def test_default_run_is_minilm_and_selects_the_reference_box(home):
     p = run_embdist("task.progress=false", "bbox.lat_min=-20", home=home)  # the command
@@ -82,6 +109,16 @@ def test_default_run_is_minilm_and_selects_the_reference_box(home):
     np.testing.assert_allclose(out["distances"].numpy()[sub], ref, rtol=2e-6, atol=0)
     assert run.data.metrics["n_tokens"] == len(ids)
     assert run.data.params["bbox.lat_min"] == "-20.0"
+    # Token strings from the model's own vocabulary, read here independently.
+    vocab = (sources.packaged_minilm_path() / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    rows = read_csv(Path(run.data.tags["embdist.run_dir"]) / "tokens.csv")
+    assert [int(r["id"]) for r in rows] == ids.tolist()
+    assert all(r["string"] == vocab[int(r["id"])] for r in rows)
+    unused = sum(vocab[i].startswith("[unused") for i in ids)
+    assert unused > 900  # the box is the never-trained [unused*] overdensity
+    assert sum(r["category"] == "unused" for r in rows) == unused == run.data.metrics["tokens/unused"]
+    for png in ("sky_map", "euclidean_histogram"):
+        assert_png(Path(run.data.tags["embdist.run_dir"]) / f"{png}.png")
 
 
 def make_history(path: Path, t=6, v=16, d=8):
@@ -123,6 +160,19 @@ def test_snapshots_on_a_given_history(home, tmp_path):
             assert hist["mean"][step].value == pytest.approx(ref[off].mean(), rel=2e-6)
     assert run.data.metrics["euclidean/zero_pairs"] == 1  # the pair that never separated, final step
     assert run.data.metrics["n_steps"] == 6 and run.data.metrics["n_tokens"] == 16
+
+    run_dir = Path(run.data.tags["embdist.run_dir"])
+    rows = read_csv(run_dir / "snapshots.csv")
+    assert len(rows) == 6
+    for step, r in enumerate(rows):
+        assert int(r["distinct_vectors"]) == len(torch.unique(torch.from_numpy(h[step]), dim=0))
+        x = h[step].astype(np.float64)
+        assert float(r["euclidean_max"]) == pytest.approx(cdist(x, x).max(), rel=2e-6)
+        assert float(r["chebyshev_mean"]) == pytest.approx(np.abs(x[:, None] - x[None]).max(-1)[off].mean(), rel=2e-6)
+    distinct = sorted(c.get_metric_history(run.info.run_id, "distinct_vectors"), key=lambda m: m.step)
+    assert [int(m.value) for m in distinct] == [int(r["distinct_vectors"]) for r in rows] and distinct[0].value == 1
+    for png in ("snapshot_curves", "euclidean_final_heatmap", "euclidean_final_histogram", "chebyshev_final_heatmap"):
+        assert_png(run_dir / f"{png}.png")
 
 
 def test_snapshots_float16_storage_and_step_warning(home, tmp_path):

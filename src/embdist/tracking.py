@@ -137,6 +137,12 @@ class RunLog:
     def artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
         retry(lambda: self.client.log_artifact(self.run_id, str(local_file), artifact_path))
 
+    def plot(self, png: Path) -> None:
+        self.artifact(png, "plots")
+
+    def table(self, csv: Path) -> None:
+        self.artifact(csv, "tables")
+
 
 def _run_name(cfg: DictConfig, job_num: int | None) -> str:
     subject = cfg.history.name if cfg.task.name == "snapshots" else cfg.model.name

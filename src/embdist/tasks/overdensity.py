@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from embdist import geometry, pairwise as engine, sources, store
+from embdist import geometry, groups, pairwise as engine, plots, sources, store, tables, tokens
+from embdist.pairwise._neighbours import nearest_neighbours
 from embdist.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     x = m.tensor[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32
     tensors: dict[str, torch.Tensor] = {"spike_token_ids": ids}
     summary = {"n_tokens": n, "n_pairs": n_pairs}
+    dup = groups.duplicate_groups(x)
+    rl.metrics({"duplicate_groups": len(dup), "distinct_vectors": n - sum(len(g) - 1 for g in dup)})
+    nn_ids = nn_dist = None
     for metric in metrics:
         log.info("Computing %s distances between %s tokens", metric, f"{n:,}")
         with rl.stage(f"pairwise_{metric}"):
@@ -77,6 +82,14 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         log_stats(metric, st)
         rl.metrics({f"{metric}/{k}": v for k, v in st.items() if k != "n_pairs"})
         summary[metric] = st
+        with rl.stage(f"report_{metric}"):
+            edges, counts, zeros = plots.upper_triangle_histogram(d)
+            rl.plot(plots.distance_histogram((edges, counts, zeros), out_dir / f"{metric}_histogram.png", metric=metric))
+            if n <= HEATMAP_MAX:
+                rl.plot(plots.clustered_heatmap(d, out_dir / f"{metric}_heatmap.png", metric=metric))
+            if nn_ids is None:  # nearest neighbours by the first metric chosen
+                nn_ids, nn_dist = nearest_neighbours(d)
+                nn_metric = metric
         tensors[key_for(metric)] = d if d.dtype == dtype else d.to(dtype)
         del d
 
@@ -86,7 +99,44 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         })
     rl.output("distances", out)
     log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1024**2)
+
+    with rl.stage("report"):
+        tok = tokens.load_tokenizer(tokenizer_location(cfg, m.path))
+        infos = tokens.describe_tokens(tok, ids.tolist())
+        group_of = np.full(n, -1)
+        for gi, g in enumerate(dup):
+            group_of[g] = gi
+        sel = ids if kept is None else torch.searchsorted(kept, ids)  # rows of the analysed matrix
+        norms = x.to(torch.float64).norm(dim=1)
+        rl.table(tables.write_csv(out_dir / "tokens.csv", {
+            "id": ids.tolist(), "string": [t.string for t in infos], "category": [t.category for t in infos],
+            "lat": sky.lat[sel].tolist(), "lon": sky.lon[sel].tolist(), "r": sky.r[sel].tolist(),
+            "norm": norms.tolist(), "duplicate_group": group_of.tolist(),
+            f"nearest_id": ids[nn_ids].tolist(), f"nearest_{nn_metric}": nn_dist.tolist(),
+        }))
+        rl.table(tables.write_csv(out_dir / "duplicate_groups.csv", {
+            "group": list(range(len(dup))), "size": [len(g) for g in dup],
+            "pairs": [len(g) * (len(g) - 1) // 2 for g in dup],
+            "member_ids": [" ".join(str(int(ids[i])) for i in g[:MEMBERS_SHOWN]) for g in dup],
+            "member_strings": [" | ".join(infos[i].string for i in g[:MEMBERS_SHOWN]) for g in dup],
+        }))
+        for cat, count in tokens.category_counts(infos).items():
+            rl.metrics({f"tokens/{cat}": count})
+        rl.plot(plots.sky_map(sky.lat, sky.lon, sky.r, box, out_dir / "sky_map.png",
+                              title=f"{cfg.model.name}: PCA sky (north PC{cfg.basis.north}, meridian PC{cfg.basis.meridian}, "
+                                    f"equinox PC{cfg.basis.equinox})"))
+        if dup:
+            rl.plot(plots.group_sizes([len(g) for g in dup], out_dir / "group_sizes.png"))
     return summary
+
+
+HEATMAP_MAX = 2000  # clustered heat maps beyond this many tokens are unreadable and slow
+MEMBERS_SHOWN = 8
+
+
+def tokenizer_location(cfg, tensor_file: Path) -> Path:
+    """model.tokenizer, else the checkpoint folder the tensor came from."""
+    return Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(tensor_file).parent
 
 
 def x_bytes(n: int, dim: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from embdist import pairwise as engine, paths, sources, store
+from embdist import groups, pairwise as engine, paths, plots, sources, store, tables
 from embdist.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     store.check_fits(per_metric * 4 * len(metrics), per_metric * dtype.itemsize * len(metrics), out_dir,
                      "store task.dtype=float16, or analyse fewer snapshots", cfg.task.memory_limit_gb)
 
-    tensors, summary = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}
+    tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
+    distinct = groups.distinct_vectors_per_step(history)
+    rl.series("distinct_vectors", distinct.tolist())
     for metric in metrics:
         log.info("Computing %s distances for %s snapshots of %d tokens", metric, f"{t:,}", v)
         with rl.stage(f"pairwise_{metric}"):
@@ -75,10 +77,37 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         log.info("%s: initial (step 0) min=%.6f, max=%.6f, mean=%.6f", metric, initial["min"], initial["max"], initial["mean"])
         log.info("%s: final (step %d) min=%.6f, max=%.6f, mean=%.6f", metric, t - 1, final["min"], final["max"], final["mean"])
         summary[metric] = {"initial": initial, "final": final}
+        curves[metric] = per_step
+        with rl.stage(f"report_{metric}"):
+            rl.plot(plots.distance_histogram(plots.upper_triangle_histogram(dist[-1]),
+                                             out_dir / f"{metric}_final_histogram.png", metric=metric,
+                                             title=f"{metric} distances at the final step ({t - 1})"))
+            rl.plot(plots.clustered_heatmap(dist[-1], out_dir / f"{metric}_final_heatmap.png", metric=metric,
+                                            labels=byte_labels(v), title=f"{metric} distances at step {t - 1}, clustered"))
         tensors[f"{metric}_distances"] = dist
 
     with rl.stage("save"):
         out = store.save_atomic(tensors, out_dir / OUTPUT, metadata={"history": str(path), "metrics": ",".join(metrics)})
     rl.output("pairwise_distances", out)
     log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1e6)
+
+    with rl.stage("report"):
+        columns = {"step": list(range(t)), "distinct_vectors": distinct.tolist()}
+        for metric, per_step in curves.items():
+            columns.update({f"{metric}_{k}": per_step[k].tolist() for k in ("min", "mean", "max", "zero_pairs")})
+        rl.table(tables.write_csv(out_dir / "snapshots.csv", columns))
+        rl.plot(plots.snapshot_curves(curves, distinct, out_dir / "snapshot_curves.png",
+                                      title=f"{cfg.history.name}: {t:,} snapshots of {v} tokens"))
+        final_groups = groups.duplicate_groups(history[-1])
+        if final_groups:
+            rl.plot(plots.group_sizes([len(g) for g in final_groups], out_dir / "group_sizes.png",
+                                      title=f"identical tokens at the final step ({t - 1})"))
+    log.info("Distinct vectors: %d at step 0, %d at the final step", distinct[0], distinct[-1])
     return summary
+
+
+def byte_labels(v: int) -> list[str] | None:
+    """Byte-level vocabularies (the seed's 128 tokens) label rows with the character."""
+    if v > 256:
+        return None
+    return [repr(chr(i))[1:-1] if 32 <= i < 127 else f"\\x{i:02x}" for i in range(v)]
