@@ -261,9 +261,10 @@ def test_disk_full_during_write(home, tmp_path):
                 pass
         proc.send_signal(signal.SIGCONT)
         out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 1, out
-        assert "No space left on device" in out
-        assert not [f for f in run_dir.iterdir() if "safetensors" in f.name]  # no final file, no temporary
+        assert proc.returncode == 2, out
+        assert "No space left on device" in out and "Traceback" not in out
+        left = [f.name for f in run_dir.iterdir()]
+        assert not [f for f in left if "safetensors" in f or "tmp" in f], left  # no final file, no temporary
         (run,) = runs_of(home)
         assert run.info.status == "FAILED" and "No space left" in run.data.tags["error"]
     finally:

@@ -1,6 +1,7 @@
 """Entry point: wires Hydra to the tasks (``python -m embdist`` and the ``embdist`` script)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -34,6 +35,9 @@ def run_task(cfg: DictConfig) -> dict:
         return tasks[cfg.task.name].run(cfg, rl, run_dir)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -48,9 +52,9 @@ def main(cfg: DictConfig) -> None:
         log.error("interrupted; no output was written under its final name")
         print("embdist: interrupted", file=sys.stderr)
         sys.exit(130)
-    except InputError as e:
-        # A user's mistake: one clear line, no traceback (unless HYDRA_FULL_ERROR=1).
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except (InputError, OSError) as e:
+        # A user's mistake or a full disk: one clear line, no traceback (unless HYDRA_FULL_ERROR=1).
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or (isinstance(e, OSError) and e.errno not in DISK_FULL):
             raise
         log.error("%s", e)
         print(f"embdist: error: {e}", file=sys.stderr)

@@ -50,9 +50,14 @@ def _figure(width: float, height: float, dpi: int = DPI) -> Figure:
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # renamed when complete: no half-written PNG
     try:
         # No bbox_inches="tight": the PNG is exactly figsize x dpi pixels.
-        fig.savefig(path, format="png", dpi=fig.dpi)
+        fig.savefig(tmp, format="png", dpi=fig.dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         fig.clear()
     return path

@@ -1,6 +1,7 @@
 """Writing results: atomically, after checking they fit."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -61,6 +62,12 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise InputError(f"{e.strerror} while writing {str(path)!r}; free space there or set hydra.run.dir "
+                             "to a larger disk (nothing was left under the final name)") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -173,7 +173,7 @@ def job_run(cfg: DictConfig, run_dir: Path, job_num: int | None = None, log_file
         raise
     except BaseException as e:
         status = RunStatus.to_string(RunStatus.FAILED)
-        rl.tag("error", f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
+        rl.tag("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise
     finally:
         try:
