@@ -58,7 +58,10 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
         # Artifacts beside the database, not in a ./mlruns of whatever the cwd is.
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # The experiment kind makes the MLflow UI open on the runs table (model training),
+        # not on the GenAI traces overview.
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:
         exp = retry(lambda: client.get_experiment_by_name(name))
         if exp is None:
