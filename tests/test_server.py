@@ -1,5 +1,7 @@
 """The real MLflow tracking server on a loopback port: jobs log to it, its REST API finds them."""
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +38,8 @@ def server(tmp_path):
         [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own process group: the server's workers go down with it
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -48,11 +51,17 @@ def server(tmp_path):
                 raise RuntimeError(f"mlflow server exited: {proc.stderr.read()}")
             time.sleep(0.5)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError("mlflow server did not answer on loopback within 90 s")
     yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # uvicorn / job-runner children that ignored SIGTERM
+        except ProcessLookupError:
+            pass
 
 
 def test_runs_logged_to_the_server_are_found_through_rest(home, planted_matrix, server):
