@@ -249,3 +249,17 @@ def test_tracking_uri_precedence(home, planted_matrix, tmp_path):
         c = MlflowClient(f"sqlite:///{db}")
         runs = c.search_runs([c.get_experiment_by_name(exp).experiment_id])
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_console_script_is_the_same_entry_point(home):
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("embdist")
+    p = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=home, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "embdist: the geometry of language-model token embeddings" in p.stdout
+    assert "task: overdensity, snapshots" in p.stdout and "experiment: qwen3-4b-overdensity" in p.stdout
+    cfg = subprocess.run([str(script), "--cfg", "hydra", "--package", "hydra.job"], capture_output=True,
+                         text=True, cwd=home, timeout=120)
+    assert "name: embdist" in cfg.stdout  # the job name is not __main__
