@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from embdist import geometry, groups, pairwise as engine, plots, sources, store, tables, tokens
-from embdist.pairwise._neighbours import nearest_neighbours
+from embdist.pairwise import nearest_neighbours
 from embdist.tracking import RunLog
 
 log = logging.getLogger(__name__)

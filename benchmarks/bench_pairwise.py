@@ -1,0 +1,383 @@
+#!/usr/bin/env python
+"""Benchmark of embdist.pairwise against the alternatives, all in one process on the same data.
+
+    python benchmarks/bench_pairwise.py [--quick] [--no-mlflow] [--device cpu|cuda|all]
+
+Rows (targets from the engine's brief; measured by wall clock on this machine):
+  1. Euclidean, 20,373 x 2,560 bf16-valued rows (synthetic, with the Qwen3 dead-token duplicate
+     structure planted): engine vs one float32 X @ X.T (target <= 1.0x, aim 0.6x), vs torch.cdist
+     (target: faster), vs the seed 1.4b chunked broadcast (target >= 200x; timed on a 40-row chunk
+     against a quarter of the columns and scaled, since the full run takes ~45 min).
+  2. Chebyshev, 4,000 x 2,560: engine vs torch.cdist(p=inf) (target >= 20x), bit-identity with the
+     seed formula checked on a row sample.
+  3. Snapshots 5,001 x 128 x 64, both metrics: engine vs the seed 08.4b per-snapshot loop
+     (target >= 30x), and batched torch.cdist as a further alternative.
+  4. Peak resident memory of row 1 in a fresh process, against output + input + 1 GiB.
+
+Times are the best of 2 runs (1 with --quick), wall clock, with the process CPU time of that
+run alongside: on a shared machine the CPU time shows the work itself.  The printout ends
+with the full-size rows against the REFERENCE.md timings of the alternatives.
+
+The table is printed and logged to MLflow as a run of its own in experiment
+"embdist-benchmarks" (tracking URI from MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db).
+With CUDA present, rows 1-3 are repeated on the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import embdist  # noqa: F401
+except ImportError:  # running from a source checkout without an install
+    sys.path.insert(0, str(REPO / "src"))
+
+import numpy as np
+import torch
+
+from embdist import pairwise as P
+
+# REFERENCE.md timings on these machines (2 cores), for the full sizes
+REFERENCE_S = {"X@X.T": 11.7, "cdist": 10.1, "seed_chunked": 2750.0, "cdist_inf_2000": 10.8, "seed_snapshots": 19.0}
+
+# Qwen3-4B dead tokens: 2,100 tokens share 13 vectors (REFERENCE.md); sum C(k,2) = 651,034
+DEAD_GROUPS = [814, 704, 306, 228, 11, 10, 6, 5, 4, 4, 3, 3, 2]
+
+
+# ----------------------------------------------------------------------------- data
+def spike_like(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """bf16 rows shaped like the 1.4b spike: a cone of random tokens, plus (when n allows) the
+    dead-token structure: 13 duplicate groups and 121 unique rows within a few bf16 steps of a
+    centroid of norm 0.37.  Returns (x, expected exact-zero pairs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * 0.02 + torch.randn(1, d, generator=g) * 0.01
+    scale = min(1.0, n / 20373)
+    sizes = [max(2, int(round(k * scale))) for k in DEAD_GROUPS]
+    n_dead = sum(sizes) + max(1, int(121 * scale))
+    if n_dead < n // 2:
+        c = torch.randn(d, generator=g)
+        c = c / c.norm() * 0.37
+        cb = c.bfloat16().float()
+        step = (cb.abs() * 2.0 ** -7).clamp_min(2.0 ** -126)       # one bf16 step per coordinate
+        ids = torch.randperm(n, generator=g)[:n_dead]
+        k = 0
+        for s in sizes + [1] * (n_dead - sum(sizes)):
+            jitter = torch.randint(-2, 3, (d,), generator=g) * (torch.rand(d, generator=g) < 0.01)
+            x[ids[k:k + s]] = cb + jitter * step
+            k += s
+    x = (x + 0.0).bfloat16()                                     # no -0.0
+    a = np.ascontiguousarray(x.view(torch.int16).numpy())
+    _, u = np.unique(a.view(np.dtype((np.void, 2 * d))).ravel(), return_counts=True)
+    return x, int((u.astype(np.int64) * (u - 1) // 2).sum())
+
+
+def history_like(t: int, v: int, dd: int, seed: int = 1) -> torch.Tensor:
+    """08.4b: all tokens start at one point and spread; ~50 stay together."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(1, dd, generator=g) * 0.02
+    drift = torch.randn(v, dd, generator=g) * 0.5
+    stay = torch.rand(v, generator=g) < 0.4
+    drift[stay] = 0
+    s = torch.linspace(0, 1, t)[:, None, None] ** 0.5
+    h = start + s * drift + (torch.randn(t, v, dd, generator=g) * 0.01 * s) * (~stay)[None, :, None]
+    return h.bfloat16()
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class T:
+    """A timing: best wall seconds of ``repeat`` runs and the process CPU seconds of that run
+    (this machine may be shared: the CPU time shows the work itself)."""
+
+    def __init__(self, wall, cpu):
+        self.wall, self.cpu = wall, cpu
+
+    def __add__(self, o):
+        return T(self.wall + o.wall, self.cpu + o.cpu)
+
+    def scaled(self, f):
+        return T(self.wall * f, self.cpu * f)
+
+
+REPEAT = [1]
+
+
+def timed(fn, dev, repeat=None, keep=True):
+    """Best of ``repeat`` runs (default: 2 in the full benchmark, 1 with --quick)."""
+    best, res = None, None
+    for _ in range(repeat or REPEAT[0]):
+        sync(dev)
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        r = fn()
+        sync(dev)
+        t = T(time.perf_counter() - t0, time.process_time() - c0)
+        if best is None or t.wall < best.wall:
+            best, res = t, (r if keep else None)
+        del r
+    return best, res
+
+
+def seed_chunked_l2(x32, rows, cols):
+    """Seed 1.4b: diffs = chunk[:, None] - X[None]; vector_norm(diffs, 2, dim=2)."""
+    diffs = rows.unsqueeze(1) - cols.unsqueeze(0)
+    return torch.linalg.vector_norm(diffs, ord=2, dim=2)
+
+
+def seed_snapshots(hist, dev):
+    """Seed 08.4b loop, both metrics (float32 outputs)."""
+    t, v, _ = hist.shape
+    e = torch.zeros((t, v, v), dtype=torch.float32)
+    c = torch.zeros((t, v, v), dtype=torch.float32)
+    for i in range(t):
+        gamma = hist[i].to(dev).float()
+        diff = gamma.unsqueeze(0) - gamma.unsqueeze(1)
+        e[i] = torch.norm(diff, p=2, dim=2).cpu()
+        c[i] = torch.abs(diff).max(dim=2)[0].cpu()
+    return e, c
+
+
+# ----------------------------------------------------------------------------- rows
+def row_euclid(rows, n, d, dev, quick):
+    x, zeros_expected = spike_like(n, d)
+    xd = x.to(dev)
+    x32 = xd.float()
+    out = torch.empty(n, n)
+    t_ours, _ = timed(lambda: P.pairwise(xd, "euclidean", device=str(dev), out=out), dev)
+    # accuracy / contract on a row sample against float64
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:200]
+    ref = torch.cdist(x[idx].double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    got = out[idx].double()
+    m = ref > 0
+    rel = float(((got - ref).abs()[m] / ref[m]).max())
+    st = P.upper_triangle_stats(out)
+    sym = bool(torch.equal(out[idx][:, idx], out[idx][:, idx].T))
+    del out
+    t_mm, _ = timed(lambda: x32 @ x32.T, dev, keep=False)
+    t_cd, cd = timed(lambda: torch.cdist(x32, x32), dev)
+    cd_zeros = int((cd.triu(1) == 0).sum()) - (n * (n + 1) // 2)
+    del cd
+    # seed chunked broadcast: one CHUNK_SIZE=40 chunk against a quarter of the columns, scaled
+    cols = x32[: max(40, n // 4)]
+    t_chunk, _ = timed(lambda: seed_chunked_l2(x32, x32[:40], cols), dev, repeat=1, keep=False)
+    t_seed = t_chunk.scaled((n / cols.shape[0]) * math.ceil(n / 40))
+    tag = f"[{dev.type}] euclidean {n}x{d}"
+    rows.append((tag, "vs float32 X@X.T", t_ours, t_mm, t_ours.wall / t_mm.wall, "<= 1.0 (aim 0.6)",
+                 t_ours.wall <= t_mm.wall))
+    rows.append((tag, "vs torch.cdist", t_ours, t_cd, t_ours.wall / t_cd.wall, "< 1.0", t_ours.wall < t_cd.wall))
+    rows.append((tag, "vs seed chunked (est.)", t_ours, t_seed, t_seed.wall / t_ours.wall, ">= 200x faster",
+                 t_seed.wall / t_ours.wall >= 200))
+    return {"euclid_max_rel_err_sample": rel, "euclid_zero_pairs": st["zero_pairs"],
+            "euclid_zero_pairs_expected": zeros_expected, "euclid_cdist_zero_pairs": cd_zeros,
+            "euclid_symmetric_sample": sym, "euclid_median": st["median"], "euclid_mean": st["mean"]}
+
+
+def row_cheb(rows, n, d, dev):
+    x, _ = spike_like(n, d, seed=4)
+    xd = x.to(dev)
+    x32 = xd.float()
+    out = torch.empty(n, n)
+    t_ours, _ = timed(lambda: P.pairwise(xd, "chebyshev", device=str(dev), out=out), dev)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(5))[:48]
+    seed = torch.abs(x32[idx].unsqueeze(1) - x32.unsqueeze(0)).max(dim=2)[0].cpu()
+    bit = bool(torch.equal(out[idx], seed))
+    t_cd, cd = timed(lambda: torch.cdist(x32, x32, p=float("inf")), dev)
+    bit_cd = bool(torch.equal(out, cd.cpu()))
+    del cd, out
+    tag = f"[{dev.type}] chebyshev {n}x{d}"
+    rows.append((tag, "vs torch.cdist(p=inf)", t_ours, t_cd, t_cd.wall / t_ours.wall, ">= 20x faster",
+                 t_cd.wall / t_ours.wall >= 20))
+    return {"cheb_bit_identical_seed_sample": bit, "cheb_bit_identical_cdist": bit_cd}
+
+
+def row_snap(rows, t, v, dd, dev):
+    h = history_like(t, v, dd)
+    t_e, e = timed(lambda: P.pairwise_snapshots(h, "euclidean", device=str(dev)), dev)
+    t_c, c = timed(lambda: P.pairwise_snapshots(h, "chebyshev", device=str(dev)), dev)
+    t_seed, (se, sc) = timed(lambda: seed_snapshots(h, dev), dev)
+    hd = h.to(dev).float()
+    t_bc, _ = timed(lambda: (torch.cdist(hd, hd, compute_mode="donot_use_mm_for_euclid_dist"),
+                             torch.cdist(hd, hd, p=float("inf"))), dev, keep=False)
+    ours = t_e + t_c
+    m = se > 0
+    rel = float(((e - se).abs()[m] / se[m]).max()) if m.any() else 0.0
+    tag = f"[{dev.type}] snapshots {t}x{v}x{dd} (both)"
+    rows.append((tag, "vs seed 08.4b loop", ours, t_seed, t_seed.wall / ours.wall, ">= 30x faster",
+                 t_seed.wall / ours.wall >= 30))
+    rows.append((tag, "vs batched torch.cdist", ours, t_bc, t_bc.wall / ours.wall, "(info)", None))
+    return {"snap_cheb_bit_identical_seed": bool(torch.equal(c, sc)), "snap_euclid_max_rel_vs_seed": rel,
+            "snap_zero_pairs_final_step": int(P.snapshot_step_stats(e[-1:])["zero_pairs"][0])}
+
+
+MEM_CHILD = textwrap.dedent("""
+    import sys, json, gc, torch
+    sys.path.insert(0, {src!r})
+    from embdist import pairwise as P
+    sys.path.insert(0, {bench!r})
+    from bench_pairwise import spike_like
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    x, _ = spike_like({n}, {d})
+    P.pairwise(x[:64], "euclidean", device="cpu")          # warm: native build/load
+    gc.collect()
+    base = status("VmRSS:")                                # process + input, before the call
+    with open("/proc/self/clear_refs", "w") as f:          # reset the high-water mark (VmHWM)
+        f.write("5")
+    d = P.pairwise(x, "euclidean", device="cpu")
+    peak = status("VmHWM:")
+    print(json.dumps({{"base": base, "peak": peak, "out": d.numel() * 4, "inp": x.numel() * x.element_size()}}))
+""")
+
+
+def row_memory(rows, n, d):
+    code = MEM_CHILD.format(src=str(REPO / "src"), bench=str(Path(__file__).parent), n=n, d=d)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        rows.append((f"[cpu] peak RSS euclidean {n}x{d}", "child failed", None, None, math.nan, "", False))
+        print(p.stderr[-2000:], file=sys.stderr)
+        return {}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    bound = r["out"] + r["inp"] + (1 << 30)
+    extra = r["peak"] - r["base"] + r["inp"]      # what the call added, plus the input it was given
+    rows.append((f"[cpu] peak RSS euclidean {n}x{d}", "GiB used vs out+in+1GiB", extra / 2**30, bound / 2**30,
+                 extra / bound, "<= 1.0", extra <= bound))
+    return {"mem_peak_rss_bytes": r["peak"], "mem_baseline_rss_bytes": r["base"], "mem_used_bytes": extra,
+            "mem_bound_bytes": bound}
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(v, w):
+    if v is None:
+        return " " * w
+    if isinstance(v, T):
+        return f"{v.wall:{w}.3f}"
+    return f"{v:{w}.3f}"
+
+
+def _cpu(v, w):
+    return f"{v.cpu:{w}.2f}" if isinstance(v, T) else " " * w
+
+
+def table(rows) -> str:
+    head = (f"{'row':40s} {'comparison':26s} {'ours s':>9s} {'alt s':>10s} {'ratio':>8s}  {'target':17s} "
+            f"{'met':3s}  {'ours cpu-s':>10s} {'alt cpu-s':>10s}")
+    lines = [head, "-" * len(head)]
+    for tag, comp, a, b, r, target, met in rows:
+        m = "-" if met is None else ("yes" if met else "NO")
+        lines.append(f"{tag:40s} {comp:26s} {_fmt(a, 9)} {_fmt(b, 10)} {r:8.3f}  {target:17s} {m:3s}  "
+                     f"{_cpu(a, 10)} {_cpu(b, 10)}")
+    return "\n".join(lines)
+
+
+def log_mlflow(text, rows, info, params):
+    import mlflow
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(REPO / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    for attempt in range(5):
+        try:
+            mlflow.set_experiment("embdist-benchmarks")
+            break
+        except Exception:  # sqlite "database is locked" from parallel writers: back off
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
+    with mlflow.start_run(run_name=f"bench_pairwise {time.strftime('%Y-%m-%d %H:%M')}"):
+        mlflow.log_params(params)
+        for i, (tag, comp, a, b, r, target, met) in enumerate(rows):
+            key = f"row{i}_" + "".join(ch if ch.isalnum() else "_" for ch in f"{tag}_{comp}")[:80]
+            vals = {f"{key}_ratio": r}
+            for name, v in (("ours", a), ("alt", b)):
+                if isinstance(v, T):
+                    vals[f"{key}_{name}_s"] = v.wall
+                    vals[f"{key}_{name}_cpu_s"] = v.cpu
+                elif v is not None:
+                    vals[f"{key}_{name}"] = v
+            mlflow.log_metrics(vals)
+            if met is not None:
+                mlflow.log_metric(f"{key}_met", float(met))
+        mlflow.log_metrics({k: float(v) for k, v in info.items()})
+        mlflow.log_text(text, "bench_pairwise.txt")
+        print(f"logged to MLflow ({uri}), experiment embdist-benchmarks")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    ap.add_argument("--no-mlflow", action="store_true")
+    ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    a = ap.parse_args()
+    REPEAT[0] = 1 if a.quick else 2
+    if a.quick:
+        sizes = dict(en=4096, ed=2560, cn=1000, cd=2560, st=500, sv=128, sd=64)
+    else:
+        sizes = dict(en=20373, ed=2560, cn=4000, cd=2560, st=5001, sv=128, sd=64)
+    devs = []
+    if a.device in ("all", "cpu"):
+        devs.append(torch.device("cpu"))
+    if a.device in ("all", "cuda") and torch.cuda.is_available():
+        devs.append(torch.device("cuda"))
+    from embdist.pairwise import _native
+    params = {"quick": a.quick, "torch": torch.__version__, "python": platform.python_version(),
+              "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+              "native": _native.load() is not None, "native_error": str(_native.load_error()),
+              "load_avg_start": " ".join(f"{v:.2f}" for v in os.getloadavg()), **sizes}
+    if torch.cuda.is_available():
+        params["cuda_device"] = torch.cuda.get_device_name(0)
+    rows, info = [], {}
+    for dev in devs:
+        print(f"== {dev}: euclidean {sizes['en']}x{sizes['ed']}", flush=True)
+        info.update({f"{dev.type}_{k}": v for k, v in row_euclid(rows, sizes["en"], sizes["ed"], dev, a.quick).items()})
+        print(f"== {dev}: chebyshev {sizes['cn']}x{sizes['cd']}", flush=True)
+        info.update({f"{dev.type}_{k}": v for k, v in row_cheb(rows, sizes["cn"], sizes["cd"], dev).items()})
+        print(f"== {dev}: snapshots {sizes['st']}x{sizes['sv']}x{sizes['sd']}", flush=True)
+        info.update({f"{dev.type}_{k}": v for k, v in row_snap(rows, sizes["st"], sizes["sv"], sizes["sd"], dev).items()})
+    if a.device in ("all", "cpu"):
+        print("== peak memory (child process)", flush=True)
+        info.update(row_memory(rows, sizes["en"], sizes["ed"]))
+    params["load_avg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    text = table(rows)
+    if not a.quick and a.device in ("all", "cpu"):
+        ours = {r[0] + r[1]: r[2] for r in rows}
+        e = ours.get(f"[cpu] euclidean {sizes['en']}x{sizes['ed']}vs float32 X@X.T")
+        c = ours.get(f"[cpu] chebyshev {sizes['cn']}x{sizes['cd']}vs torch.cdist(p=inf)")
+        sn = ours.get(f"[cpu] snapshots {sizes['st']}x{sizes['sv']}x{sizes['sd']} (both)vs seed 08.4b loop")
+        ref = []
+        if e is not None:
+            ref.append(f"euclidean {e.wall:.2f} s = {e.wall / REFERENCE_S['X@X.T']:.2f}x X@X.T (11.7 s), "
+                       f"{e.wall / REFERENCE_S['cdist']:.2f}x cdist (10.1 s), "
+                       f"{REFERENCE_S['seed_chunked'] / e.wall:.0f}x faster than the seed (2,750 s)")
+        if c is not None:
+            est = REFERENCE_S["cdist_inf_2000"] * (sizes["cn"] / 2000) ** 2
+            ref.append(f"chebyshev {c.wall:.3f} s: {est / c.wall:.0f}x faster than cdist(p=inf) "
+                       f"(10.8 s at 2,000 rows, scaled n^2 = {est:.0f} s)")
+        if sn is not None:
+            ref.append(f"snapshots {sn.wall:.3f} s: {REFERENCE_S['seed_snapshots'] / sn.wall:.0f}x faster than "
+                       f"the seed loop (19.0 s)")
+        text += "\n\nagainst REFERENCE.md figures: " + "; ".join(ref)
+    text += "\n\nchecks: " + ", ".join(f"{k}={v}" for k, v in info.items())
+    text += f"\nload average start/end: {params['load_avg_start']} / {params['load_avg_end']} on {os.cpu_count()} cpus"
+    print()
+    print(text)
+    if not a.no_mlflow:
+        log_mlflow(text, rows, info, params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""CPU path: the native kernels of kernels.c driven from a few Python threads."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import numpy as np
+import torch
+
+from . import _common as C
+
+PW = 32          # panel width (rows per packed panel), must match kernels.c
+GBLK = 32        # gram: products per float64 flush (two 16-FMA chains), must match kernels.c
+MB_PANELS = 4    # row panels per work item (128 rows)
+NB_PANELS = 16   # column panels per work item (512 columns)
+
+
+def _ptr(t) -> int:
+    if isinstance(t, np.ndarray):
+        return t.ctypes.data
+    return t.data_ptr()
+
+
+def n_threads() -> int:
+    env = os.environ.get("EMBDIST_PAIRWISE_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, torch.get_num_threads())
+
+
+def run_parallel(items, fn, bar=None, workers: int | None = None) -> None:
+    """Run fn(item) for all items on worker threads (the C calls release the GIL).
+
+    Progress is reported, and Ctrl-C is received, by the calling thread; on any
+    exception (KeyboardInterrupt included) the workers stop after their current
+    item, are joined, and the exception propagates.
+    """
+    items = list(items)
+    n = len(items)
+    workers = min(workers or n_threads(), n)
+    if workers <= 1:
+        for it in items:
+            fn(it)
+            if bar is not None:
+                bar.update(1)
+        return
+    stop = threading.Event()
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0}
+    errors: list[BaseException] = []
+
+    def worker():
+        while not stop.is_set():
+            with lock:
+                k = state["next"]
+                state["next"] += 1
+            if k >= n:
+                return
+            try:
+                fn(items[k])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                errors.append(e)
+                stop.set()
+                return
+            with lock:
+                state["done"] += 1
+
+    threads = [threading.Thread(target=worker, name=f"embdist-pairwise-{i}", daemon=True)
+               for i in range(workers)]
+    for t in threads:
+        t.start()
+    shown = 0
+    try:
+        while True:
+            alive = False
+            for t in threads:
+                t.join(timeout=0.05)
+                alive = alive or t.is_alive()
+            if bar is not None:
+                done = state["done"]
+                if done > shown:
+                    bar.update(done - shown)
+                    shown = done
+            if not alive:
+                break
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
+class _Scratch(threading.local):
+    def get(self, nbytes: int) -> np.ndarray:
+        buf = getattr(self, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(nbytes // 8 + 8, dtype=np.float64)
+            self.buf = buf
+        return buf
+
+
+_scratch = _Scratch()
+
+
+def row_groups(lib, x32: torch.Tensor) -> np.ndarray:
+    n, d = x32.shape
+    groups = np.arange(n, dtype=np.int64)
+    if n < 2:
+        return groups
+    if d == 0:
+        groups[:] = 0
+        return groups
+    h = np.empty(n, dtype=np.uint64)
+    step = max(1, (1 << 22) // d)
+    run_parallel([(s, min(n, s + step)) for s in range(0, n, step)],
+                 lambda r: lib.emb_row_hash(_ptr(x32), n, d, r[0], r[1], _ptr(h)))
+    C._groups_from_hash(x32.numpy(), h, groups)
+    return groups
+
+
+def centre(lib, x32: torch.Tensor):
+    """Column means (float64 sums, rounded to float32) and max |fl(x - mu)|, in C on the threads."""
+    n, d = x32.shape
+    step = max(1, -(-n // (4 * n_threads())))
+    ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
+    parts = [np.zeros(d, dtype=np.float64) for _ in ranges]
+    run_parallel(list(range(len(ranges))),
+                 lambda k: lib.emb_col_sums(_ptr(x32), n, d, ranges[k][0], ranges[k][1], _ptr(parts[k])))
+    mu = torch.from_numpy((np.sum(parts, axis=0) / n).astype(np.float32))
+    mx = [0.0] * len(ranges)
+
+    def amax(k):
+        mx[k] = lib.emb_centred_absmax(_ptr(x32), n, d, _ptr(mu), ranges[k][0], ranges[k][1])
+
+    run_parallel(list(range(len(ranges))), amax)
+    return mu, max(mx)
+
+
+def pack(lib, x32: torch.Tensor, mu: torch.Tensor | None, scale: float, want_norms: bool):
+    n, d = x32.shape
+    dp = max(GBLK, -(-d // GBLK) * GBLK)
+    npan = -(-n // PW)
+    packed = torch.empty(npan * dp * PW + 16, dtype=torch.float32)
+    assert packed.data_ptr() % 64 == 0
+    norms = np.zeros(npan * PW, dtype=np.float64) if want_norms else None
+    step = max(1, (1 << 20) // (dp * PW))
+    mu_p = _ptr(mu) if mu is not None else None
+    run_parallel([(p, min(npan, p + step)) for p in range(0, npan, step)],
+                 lambda r: lib.emb_pack_panels(_ptr(x32), n, d, dp, mu_p, scale, _ptr(packed), r[0], r[1],
+                                               _ptr(norms) if norms is not None else None))
+    return packed, dp, norms
+
+
+def _items(n: int):
+    """(r0, nrp, c0, ncp) blocks covering every pair i < j exactly once, biggest first."""
+    npan = -(-n // PW)
+    items = []
+    for rp0 in range(0, npan, MB_PANELS):
+        nrp = min(MB_PANELS, npan - rp0)
+        for cp0 in range(rp0, npan, NB_PANELS):
+            items.append((rp0 * PW, nrp, cp0 * PW, min(NB_PANELS, npan - cp0)))
+    return items
+
+
+def n_items(n: int) -> int:
+    return len(_items(n))
+
+
+# Bound constants of the native GEMM (see the package docstring, "Euclidean error bound").
+def euclid_params(d: int, dp: int, inv_scale2: float) -> np.ndarray:
+    u = C.U32
+    e = C.U64
+    g17 = 17 * u / (1.0 - 17 * u)
+    nblk = dp // GBLK
+    c1 = 2.0 * g17 + 2.02 * nblk * e + 1.02 * 2.0 * e
+    c2 = 1.01 * (d + 1) * e + 2.0 * e
+    c3 = dp * 2.0 ** -148
+    c4 = math.sqrt(d) * 2.0 ** -149
+    return np.array([c1, c2, c3, C.INV_2TOL, u * (1.0 + 2 * u), c4, C.CENTER_TOL ** 2, inv_scale2],
+                    dtype=np.float64)
+
+
+def euclid_like(lib, x32: torch.Tensor, groups: np.ndarray, out: torch.Tensor, mode: str, bar,
+                zero_rows: np.ndarray | None = None) -> int:
+    """Native Euclidean / squared / cosine (x32 normalised) into ``out``; returns #recomputed pairs."""
+    n, d = x32.shape
+    mu, xc_max = centre(lib, x32)
+    e = 0
+    if xc_max > 0 and math.isfinite(xc_max):
+        e = max(min(math.frexp(xc_max)[1], 120), -120)
+    packed, dp, norms = pack(lib, x32, mu, 2.0 ** (-e), True)
+    rnorms = np.sqrt(norms)
+    prm = euclid_params(d, dp, 2.0 ** (2 * e))
+    mcode = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}[mode]
+    zr = None
+    if zero_rows is not None and zero_rows.any():
+        zr = np.ascontiguousarray(zero_rows.astype(np.uint8))
+    ld = out.stride(0)
+    flagged = [0]
+    lock = threading.Lock()
+
+    def one(it):
+        r0, nrp, c0, ncp = it
+        cbuf = _scratch.get(nrp * PW * ncp * PW * 12)
+        k = lib.emb_euclid_block(_ptr(packed), dp, n, d, _ptr(x32), r0, nrp, c0, ncp, _ptr(cbuf),
+                                 _ptr(norms), _ptr(rnorms), _ptr(groups), _ptr(zr) if zr is not None else None,
+                                 mcode, _ptr(prm), _ptr(out), ld)
+        if k:
+            with lock:
+                flagged[0] += k
+
+    run_parallel(_items(n), one, bar)
+    return flagged[0]
+
+
+def direct_metric(lib, x32: torch.Tensor, out: torch.Tensor, metric: str, bar) -> None:
+    n, d = x32.shape
+    packed, dp, _ = pack(lib, x32, None, 1.0, False)
+    ld = out.stride(0)
+    fn = lib.emb_cheb_block if metric == "chebyshev" else lib.emb_l1_block
+    esize = 4 if metric == "chebyshev" else 12
+
+    def one(it):
+        r0, nrp, c0, ncp = it
+        cbuf = _scratch.get(nrp * PW * ncp * PW * esize)
+        fn(_ptr(packed), dp, n, _ptr(cbuf), r0, nrp, c0, ncp, _ptr(out), ld)
+
+    run_parallel(_items(n), one, bar)
+
+
+SNAP_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def snapshots(lib, h: torch.Tensor, out: torch.Tensor, metric: str, t0: int, t1: int) -> None:
+    """Snapshots [t0, t1) of h (T, V, D; float32/bfloat16/float16, contiguous, read as is) into
+    out (T', V, V) contiguous float32/bfloat16/float16, where out[0] is snapshot t0."""
+    t, v, dd = h.shape
+    dt = SNAP_OUT_DTYPES[h.dtype]
+    odt = SNAP_OUT_DTYPES[out.dtype]
+    step = max(1, min(64, (t1 - t0) // (4 * n_threads()) or 1))
+    fn = lib.emb_snap_cheb if metric == "chebyshev" else lib.emb_snap_euclid
+    mode = 1 if metric == "sqeuclidean" else 0
+    base = _ptr(out) - t0 * v * v * out.element_size()   # kernel indexes the output by absolute t
+    run_parallel([(s, min(t1, s + step)) for s in range(t0, t1, step)],
+                 lambda r: fn(_ptr(h), dt, v, dd, r[0], r[1], base, mode, odt))
+
+
+def hist_pass(lib, d: torch.Tensor, prefix_bits: int, prefix: int):
+    """One pass of the radix select over the strict upper triangle (float32, row-major)."""
+    n = d.shape[0]
+    ld = d.stride(0)
+    # row ranges of about equal numbers of elements
+    target = max(1 << 22, (n * (n - 1) // 2) // (8 * n_threads()) + 1)
+    ranges, r0, acc = [], 0, 0
+    for i in range(n):
+        acc += n - 1 - i
+        if acc >= target or i == n - 1:
+            ranges.append((r0, i + 1))
+            r0, acc = i + 1, 0
+    res = []
+    lock = threading.Lock()
+
+    def one(r):
+        hist = np.zeros(1 << 16, dtype=np.int64)
+        st = np.array([math.inf, -math.inf, 0.0, 0.0, 0.0])
+        lib.emb_hist_upper(_ptr(d), n, ld, r[0], r[1], prefix_bits, prefix, 0, _ptr(hist), _ptr(st))
+        with lock:
+            res.append((hist, st))
+
+    run_parallel(ranges, one)
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    st = np.array([math.inf, -math.inf, 0.0, 0.0, 0.0])
+    for h, s in res:
+        hist += h
+        st[0] = min(st[0], s[0])
+        st[1] = max(st[1], s[1])
+        st[2:] += s[2:]
+    return hist, st
