@@ -231,7 +231,7 @@ def test_ctrl_c_mid_computation(home, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(home, *CUSTOM, f"model.path={p}", "bbox=all", "metric=chebyshev", f"hydra.run.dir={run_dir}")
     _wait_for(proc, "Computing chebyshev distances")
-    time.sleep(0.5)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out

@@ -59,13 +59,15 @@ def test_duplicate_groups_numpy_and_odd_row_bytes():
     assert as_lists(groups.duplicate_groups(b)) == [[4, 9, 49]]
 
 
-def test_bitwise_not_value_equality():
+def test_signed_zeros_are_equal_like_the_distance_engine():
     x = torch.zeros(4, 3)
-    x[1, 0] = -0.0          # equal in value to row 0, different bits
+    x[1, 0] = -0.0          # equal in value to row 0 (distance 0), different bits
     x[2] = float("nan")
     x[3] = float("nan")     # same NaN bits as row 2
     got = as_lists(groups.duplicate_groups(x))
-    assert got == [[2, 3]]
+    assert got == [[0, 1], [2, 3]]
+    assert groups.distinct_vectors_per_step(x[None])[0] == 2
+    assert x[1, 0].item() == 0 and str(x[1, 0].item()) == "-0.0"  # the input is not modified
 
 
 def test_hash_collisions_are_split_exactly(monkeypatch):

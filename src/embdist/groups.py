@@ -4,10 +4,9 @@
 tokens sharing 13 vectors); ``distinct_vectors_per_step`` counts distinct rows in every snapshot
 of a training history (the toy run of seed 08.4b: 1 at step 0, about 50 later).
 
-Equality is on the raw bytes of each row, whatever the dtype (bf16 stays bf16): two rows are
-identical when every element has the same bit pattern. This differs from value equality only
-for -0.0 vs +0.0 (distinct here, although their distance is 0) and NaN (equal here when the
-bits match). Rows are hashed with a 64-bit linear hash of their machine words, and every
+Equality is on the raw bytes of each row, whatever the dtype (bf16 stays bf16), after -0.0 is
+made +0.0: two rows are identical exactly when their distance is 0 (the engine's contract), so
+the groups account for every zero pair. NaN rows are equal here when their bits match. Rows are hashed with a 64-bit linear hash of their machine words, and every
 group of equal hashes is checked element by element, so the results are exact: a hash
 collision is split, never merged.
 """
@@ -24,6 +23,8 @@ def _as_bits(x) -> np.ndarray:
     """Unsigned-integer numpy view of x's bytes, last axis = one row's machine words."""
     if isinstance(x, torch.Tensor):
         t = x.detach().cpu().contiguous()
+        if t.is_floating_point():
+            t = t + 0.0  # -0.0 + 0.0 = +0.0: equal values, equal bits (a copy; the input is untouched)
         if t.dtype == torch.bool:
             t = t.to(torch.uint8)
         size = t.element_size()
@@ -32,6 +33,8 @@ def _as_bits(x) -> np.ndarray:
         a = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).numpy()
     else:
         a = np.ascontiguousarray(np.asarray(x))
+        if a.dtype.kind == "f":
+            a = a + a.dtype.type(0)  # -0.0 -> +0.0, as for tensors
         if a.dtype == object:
             raise TypeError("object arrays are not supported")
     a = np.ascontiguousarray(a)
@@ -64,7 +67,7 @@ def _hash_rows(bits: np.ndarray) -> np.ndarray:
 
 
 def duplicate_groups(x) -> list[np.ndarray]:
-    """Groups of bit-identical rows of a 2-D tensor/array, each of size >= 2.
+    """Groups of identical rows (bitwise, -0.0 == +0.0) of a 2-D tensor/array, each of size >= 2.
 
     Each group is an int64 array of row indices in ascending order; groups are listed by size,
     largest first, ties by their first index. Rows that are unique appear in no group.
