@@ -387,6 +387,7 @@ def group_sizes(sizes, path: str | os.PathLike, title: str | None = None, dpi: i
         ax_rank.set_xlabel("group (largest first)")
         ax_rank.set_ylabel("tokens in group" + (" (log)" if log else ""))
         ax_rank.set_xlim(0.3, len(s) + 0.7)
+        ax_rank.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_rank.set_title("Group sizes")
 
         vals, cnt = np.unique(s, return_counts=True)

@@ -100,8 +100,7 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
                                       title=f"{cfg.history.name}: {t:,} snapshots of {v} tokens"))
         final_groups = groups.duplicate_groups(history[-1])
         if final_groups:
-            rl.plot(plots.group_sizes([len(g) for g in final_groups], out_dir / "group_sizes.png",
-                                      title=f"identical tokens at the final step ({t - 1})"))
+            rl.plot(plots.group_sizes([len(g) for g in final_groups], out_dir / "group_sizes.png"))
     log.info("Distinct vectors: %d at step 0, %d at the final step", distinct[0], distinct[-1])
     return summary
 
