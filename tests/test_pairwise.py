@@ -392,6 +392,174 @@ def test_snapshots_float16_keeps_zero_iff_identical(backend):
     assert s[0, 0, 1] > 0 and s[0, 0, 3] == 0 and s[0, 0, 2] == 1
 
 
+# shapes for the fused snapshot pass: V and D below, at and past the 16-wide tiles, D past one
+# float32 superblock (64 terms: float64 flushes), and the 08.4b shape
+SNAP_SHAPES = [(3, 1, 1), (2, 5, 3), (3, 16, 16), (3, 17, 15), (2, 33, 64), (2, 40, 65), (1, 20, 200),
+               (2, 128, 64)]
+
+
+def snap_history(t, v, d, dtype, seed) -> torch.Tensor:
+    """(t, v, d) snapshots, one scale per snapshot (squares that underflow / overflow float32
+    included), with identical rows, one-step near-duplicates, a zero row and -0.0."""
+    rng = np.random.default_rng(seed)
+    scales = [2.0 ** -20, 2.0 ** -6, 1.0, 2.0 ** 6] if dtype == torch.float16 else \
+        [2.0 ** -70, 2.0 ** -20, 1.0, 2.0 ** 20, 2.0 ** 70]
+    h = np.empty((t, v, d), dtype=np.float32)
+    for i in range(t):
+        x = (rng.normal(size=(v, d)) + rng.normal(size=(1, d))) * scales[(i + seed) % len(scales)]
+        if v >= 4:
+            x[1] = x[0]
+            x[3] = x[2]
+        h[i] = x
+    h = torch.from_numpy(h).to(dtype)
+    bits = h.view(torch.int32 if dtype == torch.float32 else torch.int16)
+    for i in range(t):
+        if v >= 6:
+            bits[i, 5] = bits[i, 4]
+            bits[i, 5, rng.integers(d)] += 1                 # one step apart
+        if v >= 8:
+            h[i, 6] = 0.0
+            h[i, 7] = -0.0
+    return h
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_snapshots_multi_contract_all_shapes(backend, dtype):
+    """The fused pass: every snapshot meets the contract (float64 reference), Chebyshev is the
+    seed's formula bit for bit, and each metric equals its single-metric call bit for bit."""
+    for k, (t, v, d) in enumerate(SNAP_SHAPES):
+        h = snap_history(t, v, d, dtype, seed=k)
+        res = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev", "sqeuclidean"], device="cpu")
+        assert set(res) == {"euclidean", "chebyshev", "sqeuclidean"}
+        for i in range(t):
+            x32 = h[i].float().numpy()
+            x64 = x32.astype(np.float64)
+            check_contract(res["euclidean"][i], x32)
+            check_contract(res["sqeuclidean"][i], x32)
+            assert rel_err(res["euclidean"][i].numpy(), squareform(pdist(x64), checks=False)) <= 2e-6, (t, v, d, i)
+            sq, ref = res["sqeuclidean"][i].numpy(), squareform(pdist(x64, "sqeuclidean"), checks=False)
+            big = ref > np.finfo(np.float32).max                 # beyond float32: rounds to inf
+            under = (ref > 0) & (ref < 2.0 ** -150)              # below float32: smallest subnormal
+            assert np.isinf(sq[big]).all() and (sq[under] == np.float32(2.0 ** -149)).all()
+            keep = ~(big | under)
+            assert rel_err(np.where(keep, sq, 0), np.where(keep, ref, 0)) <= 4e-6, (t, v, d, i)
+            assert torch.equal(res["chebyshev"][i], seed_chebyshev(h[i])), (t, v, d, i)
+        for m in res:
+            assert torch.equal(res[m], P.pairwise_snapshots(h, m, device="cpu")), (m, t, v, d)
+        pair = P.pairwise_snapshots_multi(h, ["chebyshev", "euclidean"], device="cpu")
+        assert torch.equal(pair["euclidean"], res["euclidean"]) and torch.equal(pair["chebyshev"], res["chebyshev"])
+
+
+@pytest.mark.parametrize("odt", [torch.float16, torch.bfloat16])
+def test_snapshots_multi_low_precision_extremes(backend, odt):
+    """float16/bfloat16 outputs of the fused pass at extreme scales (distances below the
+    format's subnormals, above its range): the float32 result rounded to nearest even, a
+    nonzero distance never 0."""
+    h = snap_history(5, 37, 20, torch.float32, seed=3)
+    h[4] *= 1e-25                                   # float32-subnormal coordinates
+    s32 = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu")
+    s = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], out_dtype=odt, device="cpu")
+    fi = torch.finfo(odt)
+    for m in s:
+        assert s[m].dtype == odt
+        expect = s32[m].to(odt)
+        expect[(expect == 0) & (s32[m] != 0)] = fi.smallest_normal * fi.eps
+        assert torch.equal(s[m].view(torch.int16), expect.view(torch.int16)), m
+        assert ((s[m] == 0) == (s32[m] == 0)).all()
+
+
+def test_snapshots_multi_api(backend, monkeypatch):
+    h = snap_history(3, 9, 4, torch.bfloat16, seed=1)
+    with pytest.raises(TypeError):
+        P.pairwise_snapshots_multi(h, "euclidean")
+    with pytest.raises(ValueError):
+        P.pairwise_snapshots_multi(h, [])
+    with pytest.raises(ValueError, match="hamming"):
+        P.pairwise_snapshots_multi(h, ["euclidean", "hamming"])
+    with pytest.raises(ValueError):
+        P.pairwise_snapshots_multi(h, ["euclidean"], out_dtype=torch.int32)
+    every = list(P.METRICS) + ["euclidean"]          # repeated names are computed once
+    res = P.pairwise_snapshots_multi(h, every, device="cpu", progress=True)
+    assert list(res) == list(P.METRICS)
+    for m in P.METRICS:
+        assert torch.equal(res[m], P.pairwise_snapshots(h, m, device="cpu")), m
+    r64 = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], out_dtype=torch.float64, device="cpu")
+    for m in r64:
+        assert r64[m].dtype == torch.float64
+        assert torch.equal(r64[m], P.pairwise_snapshots(h, m, out_dtype=torch.float64, device="cpu"))
+    with monkeypatch.context() as mp:                 # outputs on transparent huge pages (opt-in)
+        mp.setattr(P, "_THP_MIN_BYTES", 0)
+        mp.setenv("EMBDIST_SNAPSHOT_THP", "1")
+        thp = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu")
+    assert all(torch.equal(thp[m], res[m]) for m in thp)
+    z = P.pairwise_snapshots_multi(torch.zeros(2, 3, 0), ["euclidean", "chebyshev"], device="cpu")
+    assert all(o.shape == (2, 3, 3) and (o == 0).all() for o in z.values())
+    e = P.pairwise_snapshots_multi(torch.zeros(0, 3, 2), ["euclidean", "chebyshev"], device="cpu")
+    assert all(o.shape == (0, 3, 3) for o in e.values())
+
+
+@pytest.mark.parametrize("odt", [torch.float32, torch.float16, torch.bfloat16])
+def test_snapshots_streaming_stores_same_bits(odt):
+    """Outputs written with streaming stores (reused, already faulted buffers) equal the plain
+    stores of a fresh output, bit for bit (V a multiple of 16: aligned full rows)."""
+    lib = _native.load()
+    if lib is None:
+        pytest.skip(f"no native build here: {_native.load_error()}")
+    from embdist.pairwise import _cpu
+    for v, d in ((16, 5), (32, 64), (128, 64), (48, 70)):
+        h = snap_history(6, v, d, torch.bfloat16, seed=v)
+        ref = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], out_dtype=odt, device="cpu")
+        oe = torch.full((6, v, v), 7.0, dtype=odt)
+        oc = torch.full((6, v, v), 7.0, dtype=odt)
+        _cpu.snapshots(lib, h, 0, 6, out_e=oe, out_c=oc, fresh=False)
+        assert torch.equal(oe, ref["euclidean"]) and torch.equal(oc, ref["chebyshev"])
+        _cpu.snapshots(lib, h, 2, 5, out_e=oe[2:5], out_c=None, squared=True, fresh=False)   # an inner range
+        sq = P.pairwise_snapshots(h, "sqeuclidean", out_dtype=odt, device="cpu")
+        assert torch.equal(oe[2:5], sq[2:5]) and torch.equal(oe[:2], ref["euclidean"][:2])
+
+
+def test_snapshots_non_finite_follow_the_seed(backend):
+    """Outside the contract, but not silently finite: a snapshot holding NaN or inf gives the
+    seed's IEEE results off the diagonal (Chebyshev keeps NaN like torch's max)."""
+    h = torch.randn(3, 20, 8, generator=torch.Generator().manual_seed(2))
+    h[0, 3, 2] = float("nan")
+    h[1, 4, 1] = h[1, 5, 1] = float("inf")           # inf - inf = NaN in one coordinate
+    h[1, 6, 0] = -float("inf")
+    res = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu")
+    off = ~torch.eye(20, dtype=torch.bool)
+    for i in range(3):
+        g = h[i]
+        diff = g.unsqueeze(0) - g.unsqueeze(1)
+        for m, ref in (("chebyshev", diff.abs().max(dim=2)[0]), ("euclidean", torch.norm(diff, p=2, dim=2))):
+            got = res[m][i]
+            assert torch.equal(got.isnan()[off], ref.isnan()[off]), (m, i)
+            assert torch.equal(got.isinf()[off], ref.isinf()[off]), (m, i)
+            if m == "chebyshev":
+                assert torch.equal(got[off].nan_to_num(), ref[off].nan_to_num()), i
+            assert (got.diagonal() == 0).all()
+
+
+def test_snapshots_multi_portable_build_is_bit_identical(tmp_path, monkeypatch):
+    """The plain-C snapshot kernels (no AVX-512) do the same arithmetic: same bits."""
+    if _native.load() is None:
+        pytest.skip(f"no native build here: {_native.load_error()}")
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64") or not _native.load().emb_has_avx512():
+        pytest.skip("needs an AVX-512 x86-64 build to compare with")
+    fast = {}
+    hs = [snap_history(2, v, d, torch.bfloat16, seed=v + d) for (_, v, d) in SNAP_SHAPES[:7]]
+    for k, h in enumerate(hs):
+        fast[k] = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev", "sqeuclidean"], device="cpu")
+    lib = _native.build_and_open(march="x86-64-v2", directory=tmp_path)
+    assert lib.emb_has_avx512() == 0
+    monkeypatch.setattr(_native, "load", lambda: lib)
+    monkeypatch.setenv("EMBDIST_PAIRWISE_BACKEND", "native")
+    for k, h in enumerate(hs):
+        slow = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev", "sqeuclidean"], device="cpu")
+        for m in slow:
+            assert torch.equal(slow[m], fast[k][m]), (m, tuple(h.shape))
+
+
 # ----------------------------------------------------------------------------- statistics
 def numpy_upper_stats(d: np.ndarray) -> dict:
     v = np.sort(d[np.triu_indices(len(d), 1)].astype(np.float64))

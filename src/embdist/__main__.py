@@ -24,9 +24,9 @@ config.register()
 
 
 def run_task(cfg: DictConfig) -> dict:
-    from embdist.tasks import overdensity, snapshots
+    from embdist.tasks import overdensity, snapshots, vocab
 
-    tasks = {"overdensity": overdensity, "snapshots": snapshots}
+    tasks = {"overdensity": overdensity, "snapshots": snapshots, "vocab": vocab}
     OmegaConf.to_object(cfg)  # builds the typed objects: their __post_init__ checks run before any work
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

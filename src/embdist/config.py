@@ -15,19 +15,20 @@ from embdist.sources import InputError
 
 METRICS = ("euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine")
 DTYPES = ("float32", "float16", "bfloat16")
+TASKS = ("overdensity", "snapshots", "vocab")
 
 
 @dataclass
 class TaskConfig:
-    name: str = "overdensity"  # overdensity | snapshots
+    name: str = "overdensity"  # overdensity | snapshots | vocab
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "float32"  # storage dtype of the distance matrices written to disk
     progress: bool = True
     memory_limit_gb: Optional[float] = None  # plan at most this much for the matrices (null: what is free)
 
     def __post_init__(self):
-        if self.name not in ("overdensity", "snapshots"):
-            raise InputError(f"task.name={self.name!r} is unknown; choose task=overdensity or task=snapshots")
+        if self.name not in TASKS:
+            raise InputError(f"task.name={self.name!r} is unknown; choose task={', task='.join(TASKS)}")
         if self.dtype not in DTYPES:
             raise InputError(f"task.dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
@@ -111,6 +112,45 @@ class TrackingConfig:
 
 
 @dataclass
+class VocabConfig:
+    """task=vocab: whole-matrix neighbours, groups and distance statistics, streamed (no N x N)."""
+    k: int = 10  # nearest neighbours per token
+    radii: List[float] = field(default_factory=lambda: [0.001, 0.01, 0.1])  # count pairs closer than each
+    bins: int = 65536  # fixed-width histogram bins on [0, hist_max]
+    hist_max: Optional[float] = None  # null: an upper bound of the largest distance (2 max |x - mean|)
+    near_steps: Optional[int] = 2  # near-duplicates: every coordinate within this many stored-format steps (null: skip)
+    use_bbox: bool = False  # true: only the tokens inside bbox (PCA sky); false: every row
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise InputError(f"vocab.k={self.k}: ask for at least 1 nearest neighbour")
+        if len(self.radii) > 8:
+            raise InputError(f"vocab.radii has {len(self.radii)} values; at most 8")
+        for r in self.radii:
+            if not (r >= 0 and r != float("inf")):
+                raise InputError(f"vocab.radii value {r} is not a finite radius >= 0")
+        if not 1 <= self.bins <= 1 << 24:
+            raise InputError(f"vocab.bins={self.bins} is outside 1..16777216")
+        if self.hist_max is not None and not (0 < self.hist_max < float("inf")):
+            raise InputError(f"vocab.hist_max={self.hist_max} must be a finite distance > 0 (or null)")
+        if self.near_steps is not None and not 0 <= self.near_steps <= 64:
+            raise InputError(f"vocab.near_steps={self.near_steps} is outside 0..64 (null skips near-duplicates)")
+
+
+@dataclass
+class ShardConfig:
+    """Row blocks of one run split over jobs: shard.index of shard.count (a sweep over shard.index)."""
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise InputError(f"shard.count={self.count}: at least 1")
+        if not 0 <= self.index < self.count:
+            raise InputError(f"shard.index={self.index} is outside 0..{self.count - 1} (shard.count={self.count})")
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +159,8 @@ class Config:
     metric: MetricConfig = field(default_factory=MetricConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     seed: int = 0
 
 

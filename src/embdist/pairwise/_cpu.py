@@ -1,6 +1,7 @@
 """CPU path: the native kernels of kernels.c driven from a few Python threads."""
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -232,20 +233,61 @@ def direct_metric(lib, x32: torch.Tensor, out: torch.Tensor, metric: str, bar) -
 
 
 SNAP_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SNAP_ITEM = 64   # snapshots per work item at most (one C call: converts, computes, writes its rows)
 
 
-def snapshots(lib, h: torch.Tensor, out: torch.Tensor, metric: str, t0: int, t1: int) -> None:
-    """Snapshots [t0, t1) of h (T, V, D; float32/bfloat16/float16, contiguous, read as is) into
-    out (T', V, V) contiguous float32/bfloat16/float16, where out[0] is snapshot t0."""
+def _snap_multi(lib):
+    """lib.emb_snap_multi with its ctypes signature (set here: the snapshot kernels' own entry)."""
+    f = lib.emb_snap_multi
+    if f.argtypes is None:
+        f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+        f.restype = None
+    return f
+
+
+def snap_items(t0: int, t1: int) -> list[tuple[int, int]]:
+    """[t0, t1) in work items of up to SNAP_ITEM snapshots, at least ~8 items per thread."""
+    n = t1 - t0
+    step = max(1, min(SNAP_ITEM, -(-n // (8 * n_threads()))))
+    return [(s, min(t1, s + step)) for s in range(t0, t1, step)]
+
+
+def snapshots(lib, h: torch.Tensor, t0: int, t1: int, *, out_e: torch.Tensor | None = None,
+              out_c: torch.Tensor | None = None, squared: bool = False, fresh: bool = True, bar=None) -> None:
+    """Snapshots [t0, t1) of h (T, V, D; float32/bfloat16/float16, contiguous, read as is) in one
+    pass: Euclidean (squared if ``squared``) into out_e and Chebyshev into out_c (either may be
+    None), each (T', V, V) contiguous float32/bfloat16/float16 of one dtype, out[0] = snapshot t0.
+    ``fresh``: the outputs were just allocated (plain stores; else streaming stores).
+    ``bar`` advances by one per snapshot."""
     t, v, dd = h.shape
-    dt = SNAP_OUT_DTYPES[h.dtype]
-    odt = SNAP_OUT_DTYPES[out.dtype]
-    step = max(1, min(64, (t1 - t0) // (4 * n_threads()) or 1))
-    fn = lib.emb_snap_cheb if metric == "chebyshev" else lib.emb_snap_euclid
-    mode = 1 if metric == "sqeuclidean" else 0
-    base = _ptr(out) - t0 * v * v * out.element_size()   # kernel indexes the output by absolute t
-    run_parallel([(s, min(t1, s + step)) for s in range(t0, t1, step)],
-                 lambda r: fn(_ptr(h), dt, v, dd, r[0], r[1], base, mode, odt))
+    outs = [o for o in (out_e, out_c) if o is not None]
+    if not outs or t1 <= t0:
+        return
+    odt = SNAP_OUT_DTYPES[outs[0].dtype]
+    assert all(o.dtype == outs[0].dtype and o.is_contiguous() for o in outs)
+    fn = _snap_multi(lib)
+    esz = outs[0].element_size()
+
+    def base(o):        # the kernel indexes the output by the absolute t
+        return None if o is None else _ptr(o) - t0 * v * v * esz
+
+    be, bc = base(out_e), base(out_c)
+    items = snap_items(t0, t1)
+    prog = None
+    if bar is not None:
+        step, left = items[0][1] - items[0][0], [t1 - t0]
+
+        class _Prog:    # run_parallel counts items, the bar counts snapshots (the short item last)
+            def update(self, k):
+                n = min(left[0], k * step)
+                left[0] -= n
+                bar.update(n)
+        prog = _Prog()
+
+    def one(r):
+        fn(_ptr(h), SNAP_OUT_DTYPES[h.dtype], v, dd, r[0], r[1], be, bc, int(squared) | (0 if fresh else 2), odt)
+
+    run_parallel(items, one, prog)
 
 
 def hist_pass(lib, d: torch.Tensor, prefix_bits: int, prefix: int):

@@ -27,6 +27,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SRC = Path(__file__).with_name("kernels.c")
+STREAM_SRC = Path(__file__).with_name("kernels_stream.c")   # #included at the end of kernels.c
 ABI = 8                                  # bump when the C signatures change
 _lock = threading.Lock()
 _lib = None
@@ -72,7 +73,7 @@ def _build(march: str | None = None, directory: Path | None = None) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (gcc/cc/clang) on PATH")
-    src = SRC.read_bytes()
+    src = SRC.read_bytes() + (STREAM_SRC.read_bytes() if STREAM_SRC.exists() else b"")
     try:
         ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:

@@ -510,13 +510,35 @@ void emb_l1_block(const float *packed, int64_t dp, int64_t n, double *C, int64_t
 }
 
 /* ------------------------------------------------------------------ snapshots
- * h: (T, V, D) in float32 (dt=0), bfloat16 (dt=1) or float16 (dt=2); out: (T, V, V) float32.
- * Snapshots [t0, t1).  Full V x V tiles (both triangles computed with identical arithmetic,
- * so the result is exactly symmetric) and plain vector stores.
- * Euclidean: float32 differences, squares summed 16 at a time in float32 (fused), then in
- *   float64: relative error <= 18u on d^2.  Pairs whose d^2 < 2^-90 (where float32 squares
- *   may underflow) are settled exactly: equal rows -> 0, else a float64 direct sum.
- * Chebyshev: float32 |a - b| max, bit-identical to the seed. */
+ * h: (T, V, D) in float32 (dt=0), bfloat16 (dt=1) or float16 (dt=2), read as is.
+ * emb_snap_multi: snapshots [t0, t1) -> out_e (Euclidean, mode 0, or squared, mode 1) and/or
+ * out_c (Chebyshev), each (T, V, V) in odt (0 float32, 1 bfloat16, 2 float16) and indexed by
+ * the absolute t; a NULL output is not computed.  mode | 2: streaming stores (for an output
+ * already faulted in; a fresh one is better written with plain stores, which hit the lines the
+ * page fault has just zeroed).  One pass per snapshot:
+ *  - the snapshot is converted once into bp: panels of 16 rows, each stored k-major (Dp x 16
+ *    float32), zero padded to multiples of 16 in V and D (the padding adds exact zeros to both
+ *    metrics), so every operand of the inner loop is a pointer plus a constant offset;
+ *  - upper-triangle tiles of 16 x 16 pairs (two halves of 8 rows x 16 columns in registers):
+ *    per k one load of 16 columns, per row one subtract with a broadcast row value, then
+ *    FMA (Euclidean) and VRANGEPS (Chebyshev) on the same difference;
+ *  - each tile is written straight into the output rows and, transposed in registers, into
+ *    its mirror; the diagonal is 0.  So the output is written once, exactly symmetric, and
+ *    its fresh pages are faulted by the threads that fill them.
+ * Euclidean arithmetic: float32 differences (squares within (1+u)^2 of exact); per 16 k one
+ *   chain of 16 FMAs from zero; the 4 chains of SNAP_SB = 64 consecutive k are added in
+ *   float32 (all terms >= 0: gamma_19 relative); for Dp > 64 these are summed in float64
+ *   and rounded once to float32: d^2 within 22u, d = float32 sqrt within 12u ~ 7.2e-7.
+ *   The Chebyshev value of the same pass tells identical rows (fl(a - b) = 0 iff a == b under
+ *   gradual underflow): they are 0.  Pairs of distinct rows with d^2 < 2^-90 (float32 squares
+ *   may underflow) or d^2 >= 2^126 (may overflow) are settled by a float64 direct sum.
+ * Chebyshev: float32 |a - b| max, bit-identical to the seed.
+ * The plain-C build (no AVX-512) does the same arithmetic pair by pair (snap_pairs), as does
+ * any snapshot holding a NaN or an infinity, where the Chebyshev max keeps NaN like torch. */
+#define SNAP_SB 64     /* fp32 terms per float32 superblock (4 chains of FLUSH) */
+
+static const float SNAP_TINY = 0x1p-90f, SNAP_BIG = 0x1p126f;
+
 static inline float half_to_float(uint16_t h) {
     uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, b;
     if (e == 0) {
@@ -530,21 +552,6 @@ static inline float half_to_float(uint16_t h) {
     } else if (e == 31) b = s | 0x7F800000u | (m << 13);
     else b = s | ((e + 127 - 15) << 23) | (m << 13);
     float f; memcpy(&f, &b, 4); return f;
-}
-
-static void load_snapshot(const void *h, int dt, int64_t off, int64_t V, int64_t D, int64_t Vp,
-                          float *xs, float *bt) {
-    for (int64_t i = 0; i < V; i++)
-        for (int64_t k = 0; k < D; k++) {
-            float v;
-            if (dt == 0) v = ((const float *)h)[off + i * D + k];
-            else if (dt == 1) { uint32_t b = (uint32_t)((const uint16_t *)h)[off + i * D + k] << 16; memcpy(&v, &b, 4); }
-            else v = half_to_float(((const uint16_t *)h)[off + i * D + k]);
-            xs[i * D + k] = v;
-            bt[k * Vp + i] = v;
-        }
-    for (int64_t k = 0; k < D; k++)
-        for (int64_t i = V; i < Vp; i++) bt[k * Vp + i] = 0.0f;
 }
 
 /* float32 -> bfloat16 / float16 bits, round to nearest even; a nonzero value that rounds to
@@ -575,199 +582,335 @@ static inline uint16_t f32_to_f16_keep(float f) {
     return h;
 }
 
-/* copy a finished snapshot to the output in its dtype (0 float32, 1 bfloat16, 2 float16);
- * float32 uses streaming stores when aligned (the output is write-only memory traffic) */
-static void store_snapshot(void *dst, int odt, const float *src, int64_t nel) {
-    if (odt == 0) {
-#if EMB_AVX512
-        if (((uintptr_t)dst & 63) == 0 && (nel & 15) == 0) {
-            for (int64_t q = 0; q < nel; q += 16) _mm512_stream_ps((float *)dst + q, _mm512_load_ps(src + q));
-            return;
-        }
-#endif
-        memcpy(dst, src, sizeof(float) * (size_t)nel);
-    } else if (odt == 1) {
-        uint16_t *o = (uint16_t *)dst;
-        for (int64_t q = 0; q < nel; q++) o[q] = f32_to_bf16_keep(src[q]);
-    } else {
-        uint16_t *o = (uint16_t *)dst;
-        for (int64_t q = 0; q < nel; q++) o[q] = f32_to_f16_keep(src[q]);
-    }
+static inline float snap_in(const void *h, int dt, int64_t idx) {
+    if (dt == 0) return ((const float *)h)[idx];
+    if (dt == 1) { uint32_t b = (uint32_t)((const uint16_t *)h)[idx] << 16; float v; memcpy(&v, &b, 4); return v; }
+    return half_to_float(((const uint16_t *)h)[idx]);
 }
 
-/* lower triangle := upper triangle (exact symmetry), diagonal := 0 */
-static void mirror_square(float *o, int64_t V) {
-    for (int64_t i = 0; i < V; i++) {
-        o[i * V + i] = 0.0f;
-        for (int64_t j = i + 1; j < V; j++) o[j * V + i] = o[i * V + j];
-    }
+/* row i, coordinate k of the packed snapshot is snap_col(bp, Dp, i)[16 * k] */
+static inline const float *snap_col(const float *bp, int64_t Dp, int64_t i) {
+    return bp + (i / 16) * Dp * 16 + i % 16;
 }
 
-static double settle_tiny(const float *a, const float *b, int64_t D) {
-    int eq = 1;
-    int64_t k = 0;
-#if EMB_AVX512
-    for (; k + 16 <= D; k += 16)
-        if (_mm512_cmp_ps_mask(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), _CMP_EQ_OQ) != 0xFFFF) { eq = 0; break; }
-#endif
-    if (eq)
-        for (; k < D; k++) if (!(a[k] == b[k])) { eq = 0; break; }
-    if (eq) return 0.0;
+/* exact settling of a flagged pair (i, j) of bp: float64 sum of float64 squared differences,
+ * then the metric's value rounded to float32 (a nonzero value never becomes 0) */
+static float snap_settle(const float *bp, int64_t Dp, int64_t D, int64_t i, int64_t j, int mode) {
+    const float *a = snap_col(bp, Dp, i), *b = snap_col(bp, Dp, j);
     double s = 0.0;
-    for (int64_t k = 0; k < D; k++) { double t = (double)a[k] - (double)b[k]; s += t * t; }
-    return s;
+    for (int64_t k = 0; k < D; k++) { double t = (double)b[16 * k] - (double)a[16 * k]; s += t * t; }
+    if (mode == 0) s = sqrt(s);
+    float f = (float)s;
+    if (f == 0.0f && s != 0.0) f = F32_TINY;
+    return f;
 }
 
-void emb_snap_euclid(const void *h, int64_t dt, int64_t V, int64_t D, int64_t t0, int64_t t1,
-                     void *out, int64_t mode, int64_t odt) {
-    const int64_t Vp = (V + 15) / 16 * 16;
-    float *bt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(D * Vp + 16));
-    float *xs = (float *)aligned_alloc(64, sizeof(float) * (size_t)((V * D + 15) / 16 * 16 + 16));
-    float *o = (float *)aligned_alloc(64, sizeof(float) * (size_t)((V * V + 15) / 16 * 16 + 16));
-    if (!bt || !xs || !o) { free(bt); free(xs); free(o); return; }
-    const double tiny = 0x1p-90;
-    for (int64_t t = t0; t < t1; t++) {
-        load_snapshot(h, (int)dt, t * V * D, V, D, Vp, xs, bt);
-        for (int64_t j0 = 0; j0 < V; j0 += 16) {
-            const int64_t nj = V - j0 < 16 ? V - j0 : 16;
-            for (int64_t i0 = 0; i0 < V && i0 < j0 + nj; i0 += 8) {   /* upper-triangle tiles */
-                const int64_t ni = V - i0 < 8 ? V - i0 : 8;
-#if EMB_AVX512
-                const float *rp[8];
-                for (int r = 0; r < 8; r++) rp[r] = xs + (i0 + (r < ni ? r : 0)) * D;
-                __m512d lo[8], hi[8];
-                for (int r = 0; r < 8; r++) lo[r] = hi[r] = _mm512_setzero_pd();
-                for (int64_t k0 = 0; k0 < D; k0 += FLUSH) {
-                    const int64_t ke = k0 + FLUSH < D ? k0 + FLUSH : D;
-                    __m512 acc[8];
-                    for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_ps();
-                    for (int64_t k = k0; k < ke; k++) {
-                        const __m512 bv = _mm512_load_ps(bt + k * Vp + j0);
-                        for (int r = 0; r < 8; r++) {
-                            const __m512 tv = _mm512_sub_ps(bv, _mm512_set1_ps(rp[r][k]));
-                            acc[r] = _mm512_fmadd_ps(tv, tv, acc[r]);
-                        }
+/* snap_col(bp, Dp, i)[16 * k] = h[off + i * D + k] as float32 for i < V, k < D; 0 in the padding.
+ * Returns 1 when the snapshot holds a NaN or an infinity. */
+static int snap_load(const void *h, int dt, int64_t off, int64_t V, int64_t D, int64_t Vp, int64_t Dp,
+                     float *bp);
+
+static inline void snap_put(void *ob, int odt, int64_t idx, float v) {
+    if (odt == 0) ((float *)ob)[idx] = v;
+    else ((uint16_t *)ob)[idx] = odt == 1 ? f32_to_bf16_keep(v) : f32_to_f16_keep(v);
+}
+
+/* pair by pair, the arithmetic of the tiled kernel (same bits); the Chebyshev max keeps a NaN
+ * (as torch's max does): used for snapshots with non-finite values, and as the plain-C build */
+static void snap_pairs(const float *bp, int64_t V, int64_t D, int64_t Dp, void *oe, void *oc, int mode, int odt) {
+    for (int64_t i = 0; i < V; i++) {
+        const float *a = snap_col(bp, Dp, i);
+        if (oe) snap_put(oe, odt, i * V + i, 0.0f);
+        if (oc) snap_put(oc, odt, i * V + i, 0.0f);
+        for (int64_t j = i + 1; j < V; j++) {
+            const float *b = snap_col(bp, Dp, j);
+            float ch = 0.0f, tot = 0.0f;
+            double dsum = 0.0;
+            for (int64_t s0 = 0; s0 < Dp; s0 += SNAP_SB) {
+                const int64_t se = s0 + SNAP_SB < Dp ? s0 + SNAP_SB : Dp;
+                if (Dp > SNAP_SB) tot = 0.0f;
+                for (int64_t k0 = s0; k0 < se; k0 += FLUSH) {
+                    float acc = 0.0f;
+                    for (int64_t k = k0; k < k0 + FLUSH; k++) {
+                        const float tv = b[16 * k] - a[16 * k];
+                        acc = fmaf(tv, tv, acc);
+                        const float av = fabsf(tv);
+                        ch = (av > ch || av != av) ? av : ch;
                     }
-                    for (int r = 0; r < 8; r++) {
-                        lo[r] = _mm512_add_pd(lo[r], _mm512_cvtps_pd(_mm512_castps512_ps256(acc[r])));
-                        hi[r] = _mm512_add_pd(hi[r], _mm512_cvtps_pd(_mm512_extractf32x8_ps(acc[r], 1)));
-                    }
+                    tot = tot + acc;
                 }
-                const __m512d vt = _mm512_set1_pd(tiny);
-                const __mmask16 mj = (__mmask16)((1u << nj) - 1u);
-                for (int r = 0; r < ni; r++) {
-                    const int64_t i = i0 + r;
-                    __mmask16 tl = (__mmask16)(_mm512_cmp_pd_mask(lo[r], vt, _CMP_LT_OQ) |
-                                               ((__mmask16)_mm512_cmp_pd_mask(hi[r], vt, _CMP_LT_OQ) << 8)) & mj;
-                    if (tl) {
-                        double tmp[16];
-                        _mm512_storeu_pd(tmp, lo[r]); _mm512_storeu_pd(tmp + 8, hi[r]);
-                        for (int l = 0; l < 16; l++)
-                            if (tl >> l & 1)
-                                tmp[l] = (i == j0 + l) ? 0.0 : settle_tiny(xs + i * D, xs + (j0 + l) * D, D);
-                        lo[r] = _mm512_loadu_pd(tmp); hi[r] = _mm512_loadu_pd(tmp + 8);
-                    }
-                    __m512d a = lo[r], b = hi[r];
-                    if (mode == 0) { a = _mm512_sqrt_pd(a); b = _mm512_sqrt_pd(b); }
-                    __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a)), _mm512_cvtpd_ps(b), 1);
-                    const __mmask16 nz = (__mmask16)(_mm512_cmp_pd_mask(a, _mm512_setzero_pd(), _CMP_NEQ_OQ) |
-                                                     ((__mmask16)_mm512_cmp_pd_mask(b, _mm512_setzero_pd(), _CMP_NEQ_OQ) << 8));
-                    const __mmask16 fz = _mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_EQ_OQ) & nz;
-                    f = _mm512_mask_mov_ps(f, fz, _mm512_set1_ps(F32_TINY));
-                    _mm512_mask_storeu_ps(o + i * V + j0, mj, f);
-                }
-#else
-                double d2[8][16];
-                for (int r = 0; r < 8; r++) {
-                    const float *ap = xs + (i0 + (r < ni ? r : 0)) * D;
-                    for (int l = 0; l < 16; l++) {
-                        double s = 0.0;
-                        for (int64_t k0 = 0; k0 < D; k0 += FLUSH) {
-                            float acc = 0.0f;
-                            const int64_t ke = k0 + FLUSH < D ? k0 + FLUSH : D;
-                            for (int64_t k = k0; k < ke; k++) {
-                                float tv = bt[k * Vp + j0 + l] - ap[k];
-                                acc = fmaf(tv, tv, acc);
-                            }
-                            s += (double)acc;
-                        }
-                        d2[r][l] = s;
-                    }
-                }
-                for (int r = 0; r < ni; r++) {
-                    const int64_t i = i0 + r;
-                    float *orow = o + i * V + j0;
-                    for (int l = 0; l < nj; l++) {
-                        double v = d2[r][l];
-                        if (v < tiny) v = (i == j0 + l) ? 0.0 : settle_tiny(xs + i * D, xs + (j0 + l) * D, D);
-                        if (mode == 0) v = sqrt(v);
-                        float f = (float)v;
-                        if (f == 0.0f && v != 0.0) f = F32_TINY;
-                        orow[l] = f;
-                    }
-                }
-#endif
+                if (Dp > SNAP_SB) dsum += (double)tot;
+            }
+            if (Dp > SNAP_SB) tot = (float)dsum;
+            if (oe) {
+                float v;
+                if ((tot < SNAP_TINY && ch > 0.0f) || tot >= SNAP_BIG) v = snap_settle(bp, Dp, D, i, j, mode);
+                else v = mode == 0 ? sqrtf(tot) : tot;
+                snap_put(oe, odt, i * V + j, v);
+                snap_put(oe, odt, j * V + i, v);
+            }
+            if (oc) {
+                snap_put(oc, odt, i * V + j, ch);
+                snap_put(oc, odt, j * V + i, ch);
             }
         }
-        mirror_square(o, V);
-        store_snapshot((char *)out + t * V * V * (odt == 0 ? 4 : 2), (int)odt, o, V * V);
+    }
+}
+
+#if EMB_AVX512
+static inline void tr16x16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int q = 0; q < 4; q++) {
+            t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0x88);
+            t[i + q + 4] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0xDD);
+        }
+    for (int q = 0; q < 8; q++) {
+        r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
+        r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xDD);
+    }
+}
+
+static inline __attribute__((always_inline)) __m512 snap_ld16(const void *h, const int dt, int64_t idx,
+                                                               __mmask16 mk) {
+    if (dt == 0) return mk == 0xFFFF ? _mm512_loadu_ps((const float *)h + idx) : _mm512_maskz_loadu_ps(mk, (const float *)h + idx);
+    const __m256i u = mk == 0xFFFF ? _mm256_loadu_si256((const __m256i *)((const uint16_t *)h + idx))
+                                   : _mm256_maskz_loadu_epi16(mk, (const uint16_t *)h + idx);
+    if (dt == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16));
+    return _mm512_cvtph_ps(u);
+}
+
+static inline __attribute__((always_inline)) int snap_load_t(const void *h, const int dt, int64_t off, int64_t V,
+                                                             int64_t D, int64_t Vp, int64_t Dp, float *bp) {
+    __mmask16 bad = 0;
+    for (int64_t i0 = 0; i0 < Vp; i0 += 16)
+        for (int64_t k0 = 0; k0 < Dp; k0 += 16) {
+            const int64_t nk = D - k0 < 16 ? (D - k0 > 0 ? D - k0 : 0) : 16;
+            const __mmask16 mk = (__mmask16)((1u << nk) - 1u);
+            __m512 r[16];
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; q++)
+                r[q] = i0 + q < V ? snap_ld16(h, dt, off + (i0 + q) * D + k0, mk) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; q++) bad |= _mm512_fpclass_ps_mask(r[q], 0x99);   /* NaN, +-inf */
+            tr16x16(r);
+            float *dst = bp + (i0 * Dp + k0 * 16);
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; q++) _mm512_store_ps(dst + 16 * q, r[q]);
+        }
+    return bad != 0;
+}
+
+static int snap_load(const void *h, int dt, int64_t off, int64_t V, int64_t D, int64_t Vp, int64_t Dp,
+                     float *bp) {
+    if (dt == 0) return snap_load_t(h, 0, off, V, D, Vp, Dp, bp);
+    if (dt == 1) return snap_load_t(h, 1, off, V, D, Vp, Dp, bp);
+    return snap_load_t(h, 2, off, V, D, Vp, Dp, bp);
+}
+
+static inline __m256i snap_bf16_keep(__m512 f) {
+    const __m512i b = _mm512_castps_si512(f);
+    const __m512i a = _mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff));
+    const __m512i hi = _mm512_srli_epi32(b, 16);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)),
+                                                   _mm512_and_si512(hi, _mm512_set1_epi32(1))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
+    const __mmask16 z = _mm512_testn_epi32_mask(r, _mm512_set1_epi32(0x7fff)) & _mm512_test_epi32_mask(a, a);
+    r = _mm512_mask_or_epi32(r, z, r, _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline __m256i snap_f16_keep(__m512 f) {
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(f), _mm512_set1_epi32(0x7fffffff));
+    __m256i h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 z = _mm256_testn_epi16_mask(h, _mm256_set1_epi16(0x7fff)) & _mm512_test_epi32_mask(a, a);
+    return _mm256_mask_mov_epi16(h, z, _mm256_or_si256(h, _mm256_set1_epi16(1)));
+}
+
+/* 16 values to ob[idx..] in odt, lanes in m; nt: full aligned run, streaming store */
+static inline void snap_st16(void *ob, int odt, int64_t idx, __m512 v, __mmask16 m, int nt) {
+    if (odt == 0) {
+        float *p = (float *)ob + idx;
+        if (nt) _mm512_stream_ps(p, v);
+        else _mm512_mask_storeu_ps(p, m, v);
+    } else {
+        const __m256i x = odt == 1 ? snap_bf16_keep(v) : snap_f16_keep(v);
+        uint16_t *p = (uint16_t *)ob + idx;
+        if (nt) _mm256_stream_si256((__m256i *)p, x);
+        else _mm256_mask_storeu_epi16(p, m, x);
+    }
+}
+
+/* pa: rows i0..i0+7 (8 lanes of a panel), pb: columns j0..j0+15 (a panel) of one snapshot
+ * (rows and columns past V are zero padding; their results are never stored):
+ * E[r] = d^2 (float32, want_e), C[r] = max |b - a|.  nsb: Dp > SNAP_SB (float64 flushes). */
+static inline __attribute__((always_inline)) void snap_rows8(const float *pa, const float *pb, int64_t Dp,
+                                                             const int want_e, const int nsb,
+                                                             __m512 *E, __m512 *C) {
+    __m512 tot[8], ch[8];
+    __m512d dl[8], dh[8];
+    for (int r = 0; r < 8; r++) { ch[r] = tot[r] = _mm512_setzero_ps(); dl[r] = dh[r] = _mm512_setzero_pd(); }
+    for (int64_t s0 = 0; s0 < Dp; s0 += SNAP_SB) {
+        const int64_t se = s0 + SNAP_SB < Dp ? s0 + SNAP_SB : Dp;
+        if (nsb) for (int r = 0; r < 8; r++) tot[r] = _mm512_setzero_ps();
+        for (int64_t k0 = s0; k0 < se; k0 += FLUSH) {
+            __m512 acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_ps();
+            const float *ak = pa + 16 * k0, *bk = pb + 16 * k0;
+#pragma GCC unroll 16
+            for (int kk = 0; kk < FLUSH; kk++) {
+                const __m512 bv = _mm512_load_ps(bk + 16 * kk);
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) {
+                    const __m512 tv = _mm512_sub_ps(bv, _mm512_set1_ps(ak[16 * kk + r]));
+                    if (want_e) acc[r] = _mm512_fmadd_ps(tv, tv, acc[r]);
+                    ch[r] = _mm512_range_ps(ch[r], tv, 0x0B);      /* max(|ch|, |tv|), sign cleared */
+                }
+            }
+            if (want_e) for (int r = 0; r < 8; r++) tot[r] = _mm512_add_ps(tot[r], acc[r]);
+        }
+        if (want_e && nsb)
+            for (int r = 0; r < 8; r++) {
+                dl[r] = _mm512_add_pd(dl[r], _mm512_cvtps_pd(_mm512_castps512_ps256(tot[r])));
+                dh[r] = _mm512_add_pd(dh[r], _mm512_cvtps_pd(_mm512_extractf32x8_ps(tot[r], 1)));
+            }
+    }
+    for (int r = 0; r < 8; r++) {
+        C[r] = ch[r];
+        if (want_e)
+            E[r] = nsb ? _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(dl[r])), _mm512_cvtpd_ps(dh[r]), 1)
+                       : tot[r];
+    }
+}
+
+static inline __attribute__((always_inline)) void snap_one(const float *bp, int64_t V, int64_t D, int64_t Dp,
+                                                           void *oe, void *oc, int mode, int odt, int nt,
+                                                           const int want_e, const int nsb) {
+    for (int64_t J = 0; J < V; J += 16) {
+        const int64_t nj = V - J < 16 ? V - J : 16;
+        const __mmask16 mj = (__mmask16)((1u << nj) - 1u);
+        for (int64_t I = 0; I <= J; I += 16) {
+            const int64_t ni = V - I < 16 ? V - I : 16;
+            const __mmask16 mi = (__mmask16)((1u << ni) - 1u);
+            __m512 E[16], C[16];
+            for (int hh = 0; hh < 16; hh += 8)
+                snap_rows8(bp + I * Dp + hh, bp + J * Dp, Dp, want_e, nsb, E + hh, C + hh);
+            if (I == J)                                        /* exact zero diagonal */
+                for (int r = 0; r < 16; r++) {
+                    if (want_e) E[r] = _mm512_mask_mov_ps(E[r], (__mmask16)(1u << r), _mm512_setzero_ps());
+                    C[r] = _mm512_mask_mov_ps(C[r], (__mmask16)(1u << r), _mm512_setzero_ps());
+                }
+            if (want_e) {
+                const __m512 tiny = _mm512_set1_ps(SNAP_TINY), big = _mm512_set1_ps(SNAP_BIG);
+                for (int r = 0; r < ni; r++) {
+                    __mmask16 fl = ((_mm512_cmp_ps_mask(E[r], tiny, _CMP_LT_OQ) &
+                                     _mm512_cmp_ps_mask(C[r], _mm512_setzero_ps(), _CMP_GT_OQ)) |
+                                    _mm512_cmp_ps_mask(E[r], big, _CMP_GE_OQ)) & mj;
+                    if (I == J) fl &= (__mmask16)~(1u << r);
+                    __m512 v = mode == 0 ? _mm512_sqrt_ps(E[r]) : E[r];
+                    if (fl) {
+                        float tmp[16];
+                        _mm512_storeu_ps(tmp, v);
+                        for (int l = 0; l < 16; l++)
+                            if (fl >> l & 1) tmp[l] = snap_settle(bp, Dp, D, I + r, J + l, mode);
+                        v = _mm512_loadu_ps(tmp);
+                    }
+                    E[r] = v;
+                }
+                for (int r = 0; r < ni; r++) snap_st16(oe, odt, (I + r) * V + J, E[r], mj, nt);
+                if (I != J) {
+                    tr16x16(E);
+                    for (int c = 0; c < nj; c++) snap_st16(oe, odt, (J + c) * V + I, E[c], mi, nt);
+                }
+            }
+            if (oc) {
+                for (int r = 0; r < ni; r++) snap_st16(oc, odt, (I + r) * V + J, C[r], mj, nt);
+                if (I != J) {
+                    tr16x16(C);
+                    for (int c = 0; c < nj; c++) snap_st16(oc, odt, (J + c) * V + I, C[c], mi, nt);
+                }
+            }
+        }
+    }
+}
+
+static void snap_run(const float *bp, int64_t V, int64_t Vp, int64_t D, int64_t Dp, void *oe, void *oc,
+                     int mode, int odt, int nt) {
+    (void)Vp;
+    if (oe) {
+        if (Dp > SNAP_SB) snap_one(bp, V, D, Dp, oe, oc, mode, odt, nt, 1, 1);
+        else snap_one(bp, V, D, Dp, oe, oc, mode, odt, nt, 1, 0);
+    } else snap_one(bp, V, D, Dp, oe, oc, mode, odt, nt, 0, 0);
+}
+#else /* portable: the same arithmetic, pair by pair */
+static int snap_load(const void *h, int dt, int64_t off, int64_t V, int64_t D, int64_t Vp, int64_t Dp,
+                     float *bp) {
+    int bad = 0;
+    for (int64_t i = 0; i < Vp; i++) {
+        float *c = bp + (i / 16) * Dp * 16 + i % 16;
+        for (int64_t k = 0; k < Dp; k++) {
+            const float v = (i < V && k < D) ? snap_in(h, dt, off + i * D + k) : 0.0f;
+            bad |= !isfinite(v);
+            c[16 * k] = v;
+        }
+    }
+    return bad;
+}
+
+static void snap_run(const float *bp, int64_t V, int64_t Vp, int64_t D, int64_t Dp, void *oe, void *oc,
+                     int mode, int odt, int nt) {
+    (void)nt; (void)Vp;
+    snap_pairs(bp, V, D, Dp, oe, oc, mode, odt);
+}
+#endif
+
+void emb_snap_multi(const void *h, int64_t dt, int64_t V, int64_t D, int64_t t0, int64_t t1,
+                    void *out_e, void *out_c, int64_t mode, int64_t odt) {
+    if (V <= 0 || (!out_e && !out_c)) return;
+    const int64_t Vp = (V + 15) / 16 * 16, Dp = D > 0 ? (D + 15) / 16 * 16 : 16;
+    float *bp = (float *)aligned_alloc(64, sizeof(float) * (size_t)(Dp * Vp));
+    if (!bp) return;
+    const int64_t esz = odt == 0 ? 4 : 2, snap = V * V * esz;
+    const uintptr_t al = (uintptr_t)(16 * esz - 1);
+    const int nt = (mode & 2) && (V % 16 == 0) && (!out_e || ((uintptr_t)out_e & al) == 0) &&
+                   (!out_c || ((uintptr_t)out_c & al) == 0);
+    mode &= 1;
+    const int64_t in_bytes = V * D * (dt == 0 ? 4 : 2);
+    for (int64_t t = t0; t < t1; t++) {
+        const int bad = snap_load(h, (int)dt, t * V * D, V, D, Vp, Dp, bp);
+        if (t + 1 < t1)                                   /* the next snapshot, while this one computes */
+            for (int64_t q = 0; q < in_bytes; q += 64) __builtin_prefetch((const char *)h + (t + 1) * in_bytes + q);
+        void *oe = out_e ? (char *)out_e + t * snap : NULL, *oc = out_c ? (char *)out_c + t * snap : NULL;
+        if (bad) snap_pairs(bp, V, D, Dp, oe, oc, (int)mode, (int)odt);     /* NaN / inf: IEEE, pair by pair */
+        else snap_run(bp, V, Vp, D, Dp, oe, oc, (int)mode, (int)odt, nt);
     }
 #if EMB_AVX512
     _mm_sfence();
 #endif
-    free(bt);
-    free(xs);
-    free(o);
+    free(bp);
+}
+
+/* the single-metric entry points of earlier ABIs (out: base indexed by the absolute t) */
+void emb_snap_euclid(const void *h, int64_t dt, int64_t V, int64_t D, int64_t t0, int64_t t1,
+                     void *out, int64_t mode, int64_t odt) {
+    emb_snap_multi(h, dt, V, D, t0, t1, out, NULL, mode, odt);
 }
 
 void emb_snap_cheb(const void *h, int64_t dt, int64_t V, int64_t D, int64_t t0, int64_t t1,
                    void *out, int64_t unused, int64_t odt) {
     (void)unused;
-    const int64_t Vp = (V + 15) / 16 * 16;
-    float *bt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(D * Vp + 16));
-    float *xs = (float *)aligned_alloc(64, sizeof(float) * (size_t)((V * D + 15) / 16 * 16 + 16));
-    float *o = (float *)aligned_alloc(64, sizeof(float) * (size_t)((V * V + 15) / 16 * 16 + 16));
-    if (!bt || !xs || !o) { free(bt); free(xs); free(o); return; }
-    for (int64_t t = t0; t < t1; t++) {
-        load_snapshot(h, (int)dt, t * V * D, V, D, Vp, xs, bt);
-        for (int64_t j0 = 0; j0 < V; j0 += 16) {
-            const int64_t nj = V - j0 < 16 ? V - j0 : 16;
-            for (int64_t i0 = 0; i0 < V && i0 < j0 + nj; i0 += 8) {   /* upper-triangle tiles */
-                const int64_t ni = V - i0 < 8 ? V - i0 : 8;
-#if EMB_AVX512
-                const float *rp[8];
-                for (int r = 0; r < 8; r++) rp[r] = xs + (i0 + (r < ni ? r : 0)) * D;
-                __m512 acc[8];
-                for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_ps();
-                for (int64_t k = 0; k < D; k++) {
-                    const __m512 bv = _mm512_load_ps(bt + k * Vp + j0);
-                    for (int r = 0; r < 8; r++)
-                        acc[r] = _mm512_range_ps(acc[r], _mm512_sub_ps(bv, _mm512_set1_ps(rp[r][k])), 0x0B);
-                }
-                const __mmask16 m = (__mmask16)((1u << nj) - 1u);
-                for (int r = 0; r < ni; r++) _mm512_mask_storeu_ps(o + (i0 + r) * V + j0, m, acc[r]);
-#else
-                for (int r = 0; r < ni; r++)
-                    for (int l = 0; l < nj; l++) {
-                        float mx = 0.0f;
-                        for (int64_t k = 0; k < D; k++) {
-                            float v = fabsf(bt[k * Vp + j0 + l] - xs[(i0 + r) * D + k]);
-                            mx = v > mx ? v : mx;
-                        }
-                        o[(i0 + r) * V + j0 + l] = mx;
-                    }
-#endif
-            }
-        }
-        mirror_square(o, V);
-        store_snapshot((char *)out + t * V * V * (odt == 0 ? 4 : 2), (int)odt, o, V * V);
-    }
-#if EMB_AVX512
-    _mm_sfence();
-#endif
-    free(bt);
-    free(xs);
-    free(o);
+    emb_snap_multi(h, dt, V, D, t0, t1, NULL, out, 0, odt);
 }
 
 /* ------------------------------------------------------------------ statistics
@@ -814,3 +957,5 @@ void emb_hist_upper(const float *d, int64_t n, int64_t ld, int64_t r0, int64_t r
     }
     st[0] = mn; st[1] = mx; st[2] = sum; st[3] = zeros; st[4] = nans;
 }
+
+#include "kernels_stream.c"

@@ -1,0 +1,219 @@
+"""Merge the shards of a sharded ``task=vocab`` run into exactly the single-process result.
+
+A sweep such as ``python -m embdist -m task=vocab shard.count=4 shard.index=0,1,2,3
+hydra/launcher=joblib`` (or ``submitit_slurm`` on a cluster) leaves one ``vocab_shard.npz`` per
+job.  ``MergeShards`` (a Hydra callback that ``conf/task/vocab.yaml`` registers) runs in the
+launching process when every job has returned: it merges the shards of each run found in the
+sweep folder, writes the outputs to ``<sweep_dir>/merged/`` and logs them on the sweep's parent
+MLflow run.  By hand (e.g. after re-running a failed shard)::
+
+    python -m embdist.merge <sweep_dir> [more dirs or shard files] [--out DIR] [--run-id ID | --no-mlflow]
+
+The matrix is read again (from the shards' config) for the exact final step; the shards carry
+a fingerprint of it, so a changed file is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from embdist.pairwise import _stream
+from embdist.tasks import vocab
+
+log = logging.getLogger(__name__)
+
+
+def find_shards(paths) -> list[Path]:
+    """Shard files under the given folders (recursively) or given directly."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(q for q in sorted(p.rglob(vocab.SHARD_FILE)) if "merged" not in q.relative_to(p).parts)
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+    return sorted(set(out))
+
+
+def _head(path: Path) -> dict:
+    import json
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(bytes(z["head"]).decode())["info"]
+
+
+def group_shards(paths) -> dict[str, list[Path]]:
+    """Shard files by run (the config without shard.index)."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for p in paths:
+        groups[_head(p)["group"]].append(p)
+    return dict(groups)
+
+
+def merge_group(paths, out_dir: Path, rl=None) -> dict:
+    """Merge the shards of one run, finalize on the re-read matrix, write and log the outputs.
+    Shards are absorbed one at a time (memory: about two partials, not all of them)."""
+    heads = [_head(p) for p in paths]
+    info = heads[0]
+    count = info["shard"][1]
+    have = sorted(h["shard"][0] for h in heads)
+    if have != list(range(count)):
+        missing = sorted(set(range(count)) - set(have))
+        dup = sorted({h for h in have if have.count(h) > 1})
+        what = "; ".join(filter(None, [f"missing {missing}" if missing else "", f"repeated {dup}" if dup else ""]))
+        raise RuntimeError(f"shards of {count}: {what} ({', '.join(str(p) for p in paths)})")
+    cfg = OmegaConf.create(info["config"])
+    x, ids, m = vocab.load_selection(cfg)
+    merged: dict = {}
+    for p in paths:
+        parts, extra, inf = _stream.load_partials(p)
+        if not np.array_equal(extra["token_ids"], ids.numpy()):
+            raise RuntimeError(f"shard {inf['shard'][0]} ({p}) selected other tokens than the matrix gives now")
+        for metric, part in parts.items():
+            merged[metric] = part if metric not in merged else _stream.StreamPartial.merge([merged[metric], part])
+        del parts
+    results = {metric: _stream.finalize(x, part) for metric, part in merged.items()}
+    if rl is not None:
+        rl.metrics({"shards": count, "n_tokens": len(ids)})
+        rl.tag("embdist.merged_from", " ".join(str(p) for p in paths)[:5000])
+    return vocab.report(results, ids, out_dir, rl, cfg, m.path)
+
+
+def merge_paths(paths, out_dir: Path | None = None, rl=None) -> dict:
+    """Find, group and merge shard files; out_dir/merged[-<run>] per run. Returns summaries by run."""
+    shards = find_shards(paths)
+    if not shards:
+        raise FileNotFoundError(f"no {vocab.SHARD_FILE} under {', '.join(map(str, paths))}")
+    groups = group_shards(shards)
+    base = Path(out_dir) if out_dir is not None else Path(paths[0]) / "merged"
+    out = {}
+    for key, files in sorted(groups.items()):
+        d = base if len(groups) == 1 else base / key
+        log.info("Merging %d shard(s) of run %s into %s", len(files), key, d)
+        out[key] = merge_group(files, d, rl if len(groups) == 1 else _Prefixed(rl, key) if rl else None)
+    return out
+
+
+class _Prefixed:
+    """A RunLog whose metric names carry a prefix (several runs merged onto one parent)."""
+
+    def __init__(self, rl, prefix: str):
+        self.rl, self.prefix = rl, prefix
+
+    def metrics(self, values, step: int = 0):
+        self.rl.metrics({f"{self.prefix}/{k}": v for k, v in values.items()}, step)
+
+    def output(self, name, path):
+        self.rl.output(f"{self.prefix}.{name}", path)
+
+    def tag(self, key, value):
+        self.rl.tag(f"{self.prefix}.{key}", value)
+
+    def __getattr__(self, name):
+        return getattr(self.rl, name)
+
+
+class MergeShards(Callback):
+    """Hydra callback: at the end of a multirun, merge the vocab shards of the sweep and log the
+    merged result on the sweep's parent MLflow run (``EMBDIST_PARENT_RUN_ID``).  Runs before the
+    parent run is closed (Hydra calls end hooks in reverse order)."""
+
+    def __init__(self) -> None:
+        self.sweep_dir: Path | None = None
+        self.tracking_uri: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        from embdist.tracking import tracking_uri
+        self.tracking_uri = tracking_uri(config.tracking.uri)
+
+    def _parent_by_tag(self) -> str | None:
+        """The sweep's parent run found by its embdist.sweep_dir tag (when the callbacks' order
+        closed it already)."""
+        from mlflow.tracking import MlflowClient
+        try:
+            c = MlflowClient(tracking_uri=self.tracking_uri)
+            runs = c.search_runs([e.experiment_id for e in c.search_experiments()],
+                                 filter_string=f"tags.`embdist.sweep_dir` = '{self.sweep_dir}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+            return runs[0].info.run_id if runs else None
+        except Exception:
+            return None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep_dir is None or not self.sweep_dir.is_dir():
+            return
+        if not find_shards([self.sweep_dir]):
+            return
+        from mlflow.tracking import MlflowClient
+
+        from embdist.tracking import PARENT_ENV, RunLog
+        parent = os.environ.get(PARENT_ENV) or self._parent_by_tag()
+        rl = RunLog(MlflowClient(tracking_uri=self.tracking_uri), parent) if parent else None
+        try:
+            if rl is not None:
+                with rl.stage("merge"):
+                    merge_paths([self.sweep_dir], self.sweep_dir / "merged", rl)
+            else:
+                merge_paths([self.sweep_dir], self.sweep_dir / "merged")
+            log.info("Merged the shards of %s into %s", self.sweep_dir, self.sweep_dir / "merged")
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.error("merging the shards of %s failed: %s", self.sweep_dir, msg)
+            print(f"embdist: error: merging the shards of {self.sweep_dir} failed: {msg}; "
+                  f"fix it and run: python -m embdist.merge {self.sweep_dir}", file=sys.stderr)
+            if rl is not None:
+                rl.tag("error", f"merge failed: {msg}")
+            raise
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m embdist.merge", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="sweep folders, job folders or vocab_shard.npz files")
+    ap.add_argument("--out", type=Path, help="output folder (default: <first path>/merged)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--run-id", help="log the merged result on this MLflow run (e.g. the sweep's parent)")
+    g.add_argument("--no-mlflow", action="store_true", help="only write the outputs")
+    ap.add_argument("--tracking-uri", help="MLflow store (default: as the app: $MLFLOW_TRACKING_URI, else the project's)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    if a.no_mlflow:
+        merge_paths(a.paths, a.out)
+        return 0
+    from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
+
+    from embdist.tracking import RunLog, ensure_experiment, retry, tracking_uri
+    shards = find_shards(a.paths)
+    info = _head(shards[0]) if shards else {}
+    cfg = info.get("config", {})
+    uri = tracking_uri(a.tracking_uri or cfg.get("tracking", {}).get("uri"))
+    client = MlflowClient(tracking_uri=uri)
+    if a.run_id:
+        merge_paths(a.paths, a.out, RunLog(client, a.run_id))
+        return 0
+    exp = ensure_experiment(client, cfg.get("tracking", {}).get("experiment", "embdist"), uri)
+    run = retry(lambda: client.create_run(exp, run_name=f"merge:{cfg.get('model', {}).get('name', 'vocab')}",
+                                          tags={"embdist.task": "vocab-merge"}))
+    status = RunStatus.to_string(RunStatus.FINISHED)
+    try:
+        merge_paths(a.paths, a.out, RunLog(client, run.info.run_id))
+    except BaseException:
+        status = RunStatus.to_string(RunStatus.FAILED)
+        raise
+    finally:
+        retry(lambda: client.set_terminated(run.info.run_id, status))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
