@@ -224,8 +224,8 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
 
 
 def test_ctrl_c_mid_computation(home, tmp_path):
-    # 24,000 rows: the Chebyshev matrix takes seconds, long enough to interrupt.
-    w = torch.randn(24000, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    # 24,000 x 2,048: the Chebyshev matrix takes several seconds, long enough to interrupt.
+    w = torch.randn(24000, 2048, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     p = tmp_path / "big.safetensors"
     save_file({"model.embed_tokens.weight": w}, str(p))
     run_dir = tmp_path / "run"

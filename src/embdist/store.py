@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import sys
@@ -59,8 +60,11 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # One metadata key holding sorted JSON: safetensors writes a multi-key map in a random
+    # order per process, which would make identical results differ byte for byte.
+    meta = {"embdist": json.dumps(metadata, sort_keys=True)} if metadata else None
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ the native epilogue of each tile (kernels_stream.c), so nothing of size N x N ev
 API
 ---
 ``stream(x, metric="euclidean", *, k=10, radii=(), bins=65536, hist_max=None, near_steps=None,
-shard=(0, 1), progress=False) -> StreamPartial``
+shard=(0, 1), candidates=None, progress=False) -> StreamPartial``
     One pass over the work items of shard ``shard = (index, count)`` (all of them for (0, 1)).
     x: (N, d) bfloat16 / float16 / float32 CPU tensor, read in its stored dtype.
     metric: "euclidean" or "chebyshev".  The partial holds, for every distinct vector (the
@@ -30,15 +30,19 @@ What ``StreamResult`` holds, and how exact it is
   rows and verifying equal hashes exactly; each group ascending, groups by size then first row.
   Pairs inside a group have distance exactly 0 and are never computed.
 * ``knn_ids`` / ``knn_dist`` (N, k): row indices and float64 distances, ordered by (distance,
-  id).  Exact: a row's identical rows come first (distance 0, by id); the others are the row's
-  candidate list re-evaluated directly in float64 (Euclidean: float64 sum of float64 squared
-  differences; Chebyshev: the bit-exact float32 max, as ``pairwise``), and the order is then
-  proven: every pair left out of the list had a (GEMM) value whose error bound puts it after the
-  k-th (tolerance ``TOLQ`` = 4.9e-6 relative on d^2: 1.35 x the 3.62e-6 that the engine's flag
-  rule leaves), or an
-  exact value with a larger (distance, id).  A row the check cannot settle (near-ties between its
-  k-th and K-th candidates) is recomputed in full against all rows (counted in
-  ``diagnostics["fallback_rows"]``).  Rows with fewer than k others are padded with id -1, inf.
+  id).  Exact: a row's identical rows come first (distance 0, by id), then its representative's
+  list expanded into rows (a representative stands for its whole group, same distance; equal
+  distances ordered by row id).  The entries of a list that can reach the first k rows are
+  re-evaluated directly in float64 (Euclidean: float64 sum of float64 squared differences;
+  Chebyshev: the bit-exact float32 max, as ``pairwise``), and the order is then proven: every
+  pair left out of the list (or not re-evaluated) had a GEMM value whose error bound puts it
+  after the k-th (tolerance ``TOLQ`` = 4.9e-6 relative on d^2: 1.35 x the 3.62e-6 that the
+  engine's flag rule leaves), or an exact value with a larger (distance, id).  A row the check
+  cannot settle (a near-tie block longer than its list) is evaluated in full against all rows
+  (counted in ``diagnostics["fallback_rows"]``).  Rows with fewer than k others are padded with
+  id -1, inf.  The default list length, k + max(8, k) + 128, holds a near-tie block of the size
+  of Qwen3-4B's dead tokens (134 distinct vectors within 2 bf16 steps: for an ordinary token
+  they are all at nearly the same distance).
 * ``near_groups`` (``near_steps=n``): connected components (size >= 2) of the graph joining two
   rows when, in every coordinate, their stored values are at most n representable steps apart
   (bf16 steps for bf16 input; the ordinal distance of the bit patterns, -0 == +0).  Candidates
@@ -70,8 +74,10 @@ share a pair.  Every shard prepares the same centring, scaling and packing as th
 float64 value in whichever process computes it, and a merged result is bit-identical to a
 single run.  The Euclidean tile is the engine's GEMM with its proven error bound and
 direct-recomputation rule; the epilogue writes q = d^2 into the tile instead of an N x N
-output, marks recomputed (exact) entries, and reduces the tile (see kernels_stream.c).
-Memory: the input (stored dtype) + one packed float32 copy + K candidates per row
+output, marks recomputed (exact) entries, and reduces the tile (see kernels_stream.c): lists
+are max-heaps per row, fed from both the rows and the columns of each tile (pairs of two
+representatives only), merged under per-panel spin locks.  The final step works on 8,192 lists
+at a time.  Memory: the input (stored dtype) + one packed float32 copy + K candidates per row
 (N K 17 bytes) + per-thread tiles (~1 MB) and histograms.  CPU only (native kernels).
 """
 from __future__ import annotations

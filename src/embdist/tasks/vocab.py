@@ -164,10 +164,9 @@ def report(results: dict, ids: torch.Tensor, out_dir: Path, rl: RunLog | None, c
         log.info("%d near-duplicate groups within %d steps (sizes %s)", len(near), near_r.near_steps,
                  ", ".join(str(len(g)) for g in near[:20]) + (" …" if len(near) > 20 else ""))
 
-    # one metadata key: safetensors writes a metadata map in a per-process random order, and the
-    # file must be byte-identical between a single run and merged shards
-    path = store.save_atomic(tensors, out_dir / NEIGHBOURS, metadata={"embdist": json.dumps(
-        {"model": str(cfg.model.name), "metrics": list(results), "k": first.k}, sort_keys=True)})
+    # save_atomic stores the metadata as one sorted-JSON key: byte-identical single and merged runs
+    path = store.save_atomic(tensors, out_dir / NEIGHBOURS, metadata={
+        "model": str(cfg.model.name), "metrics": list(results), "k": first.k})
     tk = _tokenizer(cfg, tensor_file)
     kinds = [("duplicate", g) for g in dup] + [("near", g) for g in near]
     shown = sorted({int(i) for _, g in kinds for i in g[:MEMBERS_SHOWN]})
