@@ -59,11 +59,12 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
     distinct = groups.distinct_vectors_per_step(history)
     rl.series("distinct_vectors", distinct.tolist())
+    log.info("Computing %s distances for %s snapshots of %d tokens", " and ".join(metrics), f"{t:,}", v)
+    with rl.stage("pairwise"):  # one fused pass over every snapshot for all metrics
+        all_dist = engine.pairwise_snapshots_multi(history, metrics, out_dtype=dtype, device=cfg.task.device,
+                                                   progress=cfg.task.progress)
     for metric in metrics:
-        log.info("Computing %s distances for %s snapshots of %d tokens", metric, f"{t:,}", v)
-        with rl.stage(f"pairwise_{metric}"):
-            dist = engine.pairwise_snapshots(history, metric, out_dtype=dtype, device=cfg.task.device,
-                                             progress=cfg.task.progress)
+        dist = all_dist.pop(metric)
         with rl.stage(f"stats_{metric}"):
             per_step = engine.snapshot_step_stats(dist)
             final = engine.upper_triangle_stats(dist[-1])
