@@ -75,11 +75,13 @@ def to_f32_cpu(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to("cpu", torch.float32).contiguous()
 
 
-def row_groups(x32: torch.Tensor) -> np.ndarray:
+def row_groups(x32: torch.Tensor, hash_rows=None) -> np.ndarray:
     """groups[i] = smallest index j with row j == row i elementwise (-0.0 == 0.0).
 
     Rows are hashed (a 64-bit linear hash of the canonical float bits), equal
     hashes are verified exactly, so the result is exact whatever the hash does.
+    ``hash_rows(h, blocks)`` may fill h instead (the native kernels' hash, on threads); blocks
+    are (r0, r1) row ranges of about 4M values each.
     """
     a = x32.numpy()
     n, d = a.shape
@@ -89,12 +91,16 @@ def row_groups(x32: torch.Tensor) -> np.ndarray:
     if d == 0:
         groups[:] = 0
         return groups
-    w = np.random.default_rng(0x5EED).integers(1, 2**63 - 1, size=d, dtype=np.uint64) | np.uint64(1)
     h = np.empty(n, dtype=np.uint64)
     step = max(1, (1 << 22) // d)
-    for s in range(0, n, step):
-        blk = (a[s:s + step] + np.float32(0.0)).view(np.uint32).astype(np.uint64)
-        h[s:s + step] = (blk * w).sum(axis=1, dtype=np.uint64)
+    blocks = [(s, min(n, s + step)) for s in range(0, n, step)]
+    if hash_rows is not None:
+        hash_rows(h, blocks)
+    else:
+        w = np.random.default_rng(0x5EED).integers(1, 2**63 - 1, size=d, dtype=np.uint64) | np.uint64(1)
+        for r0, r1 in blocks:
+            blk = (a[r0:r1] + np.float32(0.0)).view(np.uint32).astype(np.uint64)
+            h[r0:r1] = (blk * w).sum(axis=1, dtype=np.uint64)
     _groups_from_hash(a, h, groups)
     return groups
 

@@ -107,19 +107,13 @@ _scratch = _Scratch()
 
 
 def row_groups(lib, x32: torch.Tensor) -> np.ndarray:
+    """C.row_groups with the native row hash computed on the worker threads."""
     n, d = x32.shape
-    groups = np.arange(n, dtype=np.int64)
-    if n < 2:
-        return groups
-    if d == 0:
-        groups[:] = 0
-        return groups
-    h = np.empty(n, dtype=np.uint64)
-    step = max(1, (1 << 22) // d)
-    run_parallel([(s, min(n, s + step)) for s in range(0, n, step)],
-                 lambda r: lib.emb_row_hash(_ptr(x32), n, d, r[0], r[1], _ptr(h)))
-    C._groups_from_hash(x32.numpy(), h, groups)
-    return groups
+
+    def hash_rows(h, blocks):
+        run_parallel(blocks, lambda r: lib.emb_row_hash(_ptr(x32), n, d, r[0], r[1], _ptr(h)))
+
+    return C.row_groups(x32, hash_rows)
 
 
 def centre(lib, x32: torch.Tensor):
