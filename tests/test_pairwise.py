@@ -498,6 +498,43 @@ def test_snapshots_multi_api(backend, monkeypatch):
     assert all(o.shape == (0, 3, 3) for o in e.values())
 
 
+def test_snapshots_into_caller_buffers(backend, tmp_path):
+    """out=: the caller's (reused, NaN-filled, or memory-mapped) tensors are filled in place
+    with the same bits as fresh outputs, checked against scipy float64 and the seed."""
+    t, v, d = 5, 37, 20
+    h = snap_history(t, v, d, torch.bfloat16, seed=7)
+    mm = np.memmap(tmp_path / "cheb.bin", dtype=np.float32, mode="w+", shape=(t, v, v))
+    bufs = {"euclidean": torch.full((t, v, v), float("nan")), "chebyshev": torch.from_numpy(mm)}
+    got = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu", out=bufs)
+    assert got["euclidean"] is bufs["euclidean"] and got["chebyshev"] is bufs["chebyshev"]
+    for i in range(t):
+        hi = h[i].double().numpy()
+        assert rel_err(got["euclidean"][i].numpy(), squareform(pdist(hi, "euclidean"))) <= 2e-6
+        check_contract(got["euclidean"][i], h[i].float().numpy())
+        assert torch.equal(got["chebyshev"][i], seed_chebyshev(h[i]))
+    mm.flush()
+    on_disk = np.fromfile(tmp_path / "cheb.bin", dtype=np.float32).reshape(t, v, v)
+    assert np.array_equal(on_disk, got["chebyshev"].numpy())
+    fresh = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu")
+    assert all(torch.equal(fresh[m], got[m]) for m in fresh)
+    h16 = torch.full((t, v, v), 7.0, dtype=torch.float16)     # single metric, low-precision output
+    assert P.pairwise_snapshots(h, "euclidean", out_dtype=torch.float16, device="cpu", out=h16) is h16
+    assert torch.equal(h16, P.pairwise_snapshots(h, "euclidean", out_dtype=torch.float16, device="cpu"))
+    bad = [({"euclidean": torch.empty(t, v, v)}, "one tensor per metric"),
+           ({"euclidean": torch.empty(t, v, v + 1), "chebyshev": torch.empty(t, v, v)}, r"shape \(5, 37, 37\)"),
+           ({"euclidean": torch.empty(t, v, v, dtype=torch.float16), "chebyshev": torch.empty(t, v, v)},
+            "out_dtype"),
+           ({"euclidean": torch.empty(t, v, v).transpose(1, 2), "chebyshev": torch.empty(t, v, v)},
+            "not contiguous")]
+    shared = torch.empty(t, v, v)
+    bad.append(({"euclidean": shared, "chebyshev": shared}, "shares its memory"))
+    for out, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu", out=out)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        P.pairwise_snapshots(h, "euclidean", device="cpu", out=np.zeros((t, v, v), np.float32))
+
+
 @pytest.mark.parametrize("odt", [torch.float32, torch.float16, torch.bfloat16])
 def test_snapshots_streaming_stores_same_bits(odt):
     """Outputs written with streaming stores (reused, already faulted buffers) equal the plain

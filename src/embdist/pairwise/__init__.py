@@ -8,12 +8,14 @@ API
     (N, N), e.g. memory-mapped with ``torch.from_file`` / ``np.memmap``) and returns it.
     metric: "euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine"; anything else
     raises ValueError naming the value and the choices.
-``pairwise_snapshots(history, metric, *, out_dtype=torch.float32, device="auto", progress=False)``
+``pairwise_snapshots(history, metric, *, out_dtype=torch.float32, device="auto", out=None, progress=False)``
     history: (T, V, D) -> (T, V, V) in ``out_dtype``, same contract per snapshot.
-``pairwise_snapshots_multi(history, metrics, *, out_dtype=torch.float32, device="auto", progress=False)``
+``pairwise_snapshots_multi(history, metrics, *, out_dtype=torch.float32, device="auto", out=None, progress=False)``
     -> {metric: (T, V, V)} for a list of metric names (repeats ignored, order kept); each
     tensor is bit-identical to ``pairwise_snapshots(history, metric, ...)``.  Euclidean (or
-    squared) and Chebyshev share one pass over each snapshot.
+    squared) and Chebyshev share one pass over each snapshot.  ``out`` ({metric: tensor}; a
+    tensor for ``pairwise_snapshots``): contiguous (T, V, V) CPU tensors of ``out_dtype`` to
+    fill, e.g. buffers reused across calls or memory-mapped files.
 ``upper_triangle_stats(d)`` -> {"n_pairs", "min", "median", "mean", "max", "zero_pairs"}
     over the strict upper triangle of a square matrix.  median is the LOWER median
     (``torch.median``: sorted[(n-1)//2]), exact, found by a 16-bit-digit radix select on the
@@ -289,11 +291,38 @@ def _snap_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+def _prepare_snap_outs(out, metrics, shape, out_dtype) -> dict[str, torch.Tensor]:
+    """The caller's output tensors (checked: one per metric, shape, dtype, CPU, contiguous, no
+    two the same memory), or fresh ones."""
+    if out is None:
+        return {m: _snap_empty(shape, out_dtype) for m in metrics}
+    if not isinstance(out, dict) or set(out) != set(metrics):
+        got = sorted(out) if isinstance(out, dict) else type(out).__name__
+        raise ValueError(f"out must be a dict with one tensor per metric {metrics}, got {got}")
+    seen = set()
+    for m in metrics:
+        o = out[m]
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"out[{m!r}] must be a torch.Tensor, got {type(o).__name__}")
+        if (tuple(o.shape) != tuple(shape) or o.dtype != out_dtype or o.device.type != "cpu"
+                or not o.is_contiguous()):
+            raise ValueError(f"out[{m!r}] must be a contiguous {out_dtype} CPU tensor of shape {tuple(shape)} "
+                             f"(pass out_dtype= to match it), got {o.dtype} {tuple(o.shape)} on {o.device}"
+                             + ("" if o.is_contiguous() else ", not contiguous"))
+        if o.numel() and o.data_ptr() in seen:
+            raise ValueError(f"out[{m!r}] shares its memory with another metric's output")
+        seen.add(o.data_ptr())
+    return {m: out[m] for m in metrics}
+
+
 def pairwise_snapshots_multi(history: torch.Tensor, metrics, *, out_dtype: torch.dtype = torch.float32,
-                             device: str = "auto", progress: bool = False) -> dict[str, torch.Tensor]:
+                             device: str = "auto", out: dict[str, torch.Tensor] | None = None,
+                             progress: bool = False) -> dict[str, torch.Tensor]:
     """{metric: (T, V, V) distances} for each snapshot of history (T, V, D), per metric the same
     contract as ``pairwise``.  On the native CPU path Euclidean (or squared) and Chebyshev are
-    computed in one pass over each snapshot, so asking for both costs little more than one."""
+    computed in one pass over each snapshot, so asking for both costs little more than one.
+    ``out``: {metric: contiguous (T, V, V) CPU tensor of out_dtype} to fill instead of fresh
+    tensors (reused buffers skip the first touch of new pages; memory-mapped files work)."""
     if isinstance(metrics, str) or not hasattr(metrics, "__iter__"):
         raise TypeError(f"metrics must be a list of metric names, got {metrics!r}")
     metrics = list(dict.fromkeys(metrics))
@@ -307,7 +336,8 @@ def pairwise_snapshots_multi(history: torch.Tensor, metrics, *, out_dtype: torch
     dev = C.resolve_device(device)
     C.check_device_available(dev)
     t, v, dd = history.shape
-    outs = {m: _snap_empty((t, v, v), out_dtype) for m in metrics}
+    outs = _prepare_snap_outs(out, metrics, (t, v, v), out_dtype)
+    fresh = out is None          # fresh pages: plain stores; reused buffers: streaming stores
     if t == 0 or v == 0:
         return outs
     if dd == 0:                  # every row is the empty vector: all identical
@@ -326,7 +356,7 @@ def pairwise_snapshots_multi(history: torch.Tensor, metrics, *, out_dtype: torch
             from . import _cpu
             hc = history.detach().to("cpu").contiguous()     # read in its own dtype by the kernels
             for em, ch in passes:
-                kw = dict(squared=em == "sqeuclidean", bar=bar)
+                kw = dict(squared=em == "sqeuclidean", bar=bar, fresh=fresh)
                 if out_dtype in _cpu.SNAP_OUT_DTYPES:          # written in out_dtype by the kernels
                     _cpu.snapshots(lib, hc, 0, t, out_e=outs[em] if em else None,
                                    out_c=outs["chebyshev"] if ch else None, **kw)
@@ -337,7 +367,7 @@ def pairwise_snapshots_multi(history: torch.Tensor, metrics, *, out_dtype: torch
                 for s in range(0, t, step):
                     e = min(t, s + step)
                     _cpu.snapshots(lib, hc, s, e, out_e=tmp[em][: e - s] if em else None,
-                                   out_c=tmp["chebyshev"][: e - s] if ch else None, fresh=s == 0, **kw)
+                                   out_c=tmp["chebyshev"][: e - s] if ch else None, **{**kw, "fresh": s == 0})
                     for m, buf in tmp.items():
                         part = buf[: e - s]
                         outs[m][s:e] = C.to_dtype_keep_nonzero(part, part != 0, out_dtype)
@@ -349,9 +379,10 @@ def pairwise_snapshots_multi(history: torch.Tensor, metrics, *, out_dtype: torch
 
 
 def pairwise_snapshots(history: torch.Tensor, metric: str, *, out_dtype: torch.dtype = torch.float32,
-                       device: str = "auto", progress: bool = False) -> torch.Tensor:
+                       device: str = "auto", out: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
     C.check_metric(metric)
-    return pairwise_snapshots_multi(history, [metric], out_dtype=out_dtype, device=device, progress=progress)[metric]
+    return pairwise_snapshots_multi(history, [metric], out_dtype=out_dtype, device=device,
+                                    out=None if out is None else {metric: out}, progress=progress)[metric]
 
 
 from ._neighbours import nearest_neighbours  # noqa: E402
