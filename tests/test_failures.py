@@ -195,6 +195,21 @@ def test_output_larger_than_free_disk_is_refused(home, small_disk, tmp_path):
           message="on disk but")
 
 
+def test_out_of_core_needs_float32_storage(home, matrix):
+    fails(home, *CUSTOM, f"model.path={matrix}", "task.out_of_core=true", "task.dtype=float16",
+          message="set task.dtype=float32 or task.out_of_core=false")
+
+
+def test_out_of_core_file_that_cannot_be_allocated(small_disk):
+    """The whole file is allocated before any distance is written: a full disk is one clear
+    error at the start (not SIGBUS mid-run), and no file or temporary is left."""
+    from embdist.sources import InputError
+    from embdist.store import MappedSafetensors
+    with pytest.raises(InputError, match="No space left on device while allocating"):
+        MappedSafetensors(small_disk / "d.safetensors", {"d": (torch.float32, (1024, 1024))})
+    assert list(small_disk.iterdir()) == []
+
+
 def test_unwritable_run_folder(home, tmp_path, matrix):
     (tmp_path / "a_file").write_text("")
     fails(home, *CUSTOM, f"model.path={matrix}", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}",
@@ -223,13 +238,16 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
     raise AssertionError(f"never saw {text!r}:\n{seen}")
 
 
-def test_ctrl_c_mid_computation(home, tmp_path):
+@pytest.mark.parametrize("out_of_core", [False, True])
+def test_ctrl_c_mid_computation(home, tmp_path, out_of_core):
     # 24,000 x 2,048: the Chebyshev matrix takes several seconds, long enough to interrupt.
+    # Out of core, the 2.3 GB file being filled is deleted too.
     w = torch.randn(24000, 2048, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     p = tmp_path / "big.safetensors"
     save_file({"model.embed_tokens.weight": w}, str(p))
     run_dir = tmp_path / "run"
-    proc = _start(home, *CUSTOM, f"model.path={p}", "bbox=all", "metric=chebyshev", f"hydra.run.dir={run_dir}")
+    proc = _start(home, *CUSTOM, f"model.path={p}", "bbox=all", "metric=chebyshev", f"hydra.run.dir={run_dir}",
+                  f"task.out_of_core={out_of_core}")
     _wait_for(proc, "Computing chebyshev distances")
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)

@@ -25,6 +25,7 @@ class TaskConfig:
     dtype: str = "float32"  # storage dtype of the distance matrices written to disk
     progress: bool = True
     memory_limit_gb: Optional[float] = None  # plan at most this much for the matrices (null: what is free)
+    out_of_core: bool = False  # write the matrices straight into the output file through a memory map (larger than RAM)
 
     def __post_init__(self):
         if self.name not in TASKS:

@@ -78,6 +78,97 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     return path
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32"}
+
+
+class MappedSafetensors:
+    """A safetensors file whose tensors are filled in place through a memory map (for outputs
+    larger than RAM: the page cache holds what is being written, the kernel writes it back).
+
+        with MappedSafetensors(path, {"d": (torch.float32, (n, n))}, metadata) as f:
+            engine.pairwise(x, out=f.tensors["d"])
+            f.commit()
+
+    The header is written first and the whole file is allocated up front (posix_fallocate),
+    so a full disk fails here, in one line, instead of as SIGBUS while the engine writes.  The
+    file has a temporary name until ``commit`` (flush, then rename); leaving the ``with`` block
+    without committing deletes it.  The layout is the safetensors format (8-byte header length,
+    JSON header padded with spaces so the data starts 64-byte aligned, tensors back to back,
+    wider dtypes first), readable by ``safetensors.safe_open``;
+    the metadata is the same single sorted-JSON key as ``save_atomic``.
+    """
+
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        import struct
+
+        import numpy as np
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = {"embdist": json.dumps(metadata, sort_keys=True)}
+        offset, layout = 0, {}
+        # wider elements first, so every tensor starts aligned to its element size
+        order = sorted(specs.items(), key=lambda kv: -torch.empty((), dtype=kv[1][0]).element_size())
+        for name, (dtype, shape) in order:
+            count = 1
+            for k in shape:
+                count *= int(k)
+            nbytes = count * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(k) for k in shape],
+                            "data_offsets": [offset, offset + nbytes]}
+            layout[name] = (dtype, tuple(int(k) for k in shape), offset, nbytes)
+            offset += nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-(8 + len(head)) % 64)          # data starts 64-byte aligned (vector stores)
+        start, total = 8 + len(head), 8 + len(head) + offset
+        try:
+            fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise _disk_error(e, self.path) from None
+        try:
+            os.posix_fallocate(fd, 0, total)
+            os.pwrite(fd, struct.pack("<Q", len(head)) + head, 0)
+        except OSError as e:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            raise _disk_error(e, self.path) from None
+        os.close(fd)
+        self._map = np.memmap(self.tmp, dtype=np.uint8, mode="r+", offset=0, shape=(total,)) if offset else None
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name in specs:
+            dtype, shape, off, nbytes = layout[name]
+            if nbytes == 0:
+                self.tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                self.tensors[name] = torch.from_numpy(self._map[start + off:start + off + nbytes]).view(dtype).view(shape)
+        self.committed = False
+
+    def commit(self) -> Path:
+        if self._map is not None:
+            self._map.flush()
+        os.replace(self.tmp, self.path)
+        self.committed = True
+        return self.path
+
+    def __enter__(self) -> "MappedSafetensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _disk_error(e: OSError, path: Path) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return InputError(f"{e.strerror} while allocating {str(path)!r}; free space there or set hydra.run.dir "
+                          "to a larger disk (nothing was left under the final name)")
+    return e
+
+
 class RunFolderCheck(Callback):
     """Hydra callback: fail in one line, before Hydra creates it, when the run folder cannot be written."""
 

@@ -1,6 +1,7 @@
 """Seed 1.4b: pairwise distances between the tokens inside a box of the PCA sky."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -23,6 +24,9 @@ def key_for(metric: str) -> str:
 
 
 def run(cfg, rl: RunLog, out_dir: Path) -> dict:
+    if cfg.task.out_of_core and cfg.task.dtype != "float32":
+        raise sources.InputError(f"task.out_of_core=true writes the engine's float32 matrices in place, "
+                                 f"not task.dtype={cfg.task.dtype}; set task.dtype=float32 or task.out_of_core=false")
     path = cfg.model.path or sources.packaged_minilm_path()
     with rl.stage("load"):
         m = sources.load_matrix(path, cfg.model.tensor)
@@ -61,10 +65,13 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
 
     metrics = list(cfg.metric.names)
     dtype = store.DTYPES[cfg.task.dtype]
-    out_bytes = engine.output_nbytes(n) * len(metrics)
+    ooc = cfg.task.out_of_core
+    out_bytes = 0 if ooc else engine.output_nbytes(n) * len(metrics)   # out of core: in the page cache
     disk_bytes = sum(engine.output_nbytes(n, dtype) for _ in metrics) + n * 8
-    store.check_fits(out_bytes + x_bytes(n, dim), disk_bytes, out_dir,
-                     "narrow the bbox, or store task.dtype=float16",
+    store.check_fits(out_bytes + working_bytes(n, dim), disk_bytes, out_dir,
+                     "narrow the bbox, or use task=vocab (no N x N matrix)" if ooc else
+                     "narrow the bbox, store task.dtype=float16, write the matrices to disk with "
+                     "task.out_of_core=true, or use task=vocab (no N x N matrix)",
                      cfg.task.memory_limit_gb)
 
     x = m.tensor[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32
@@ -72,31 +79,41 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     summary = {"n_tokens": n, "n_pairs": n_pairs}
     dup = groups.duplicate_groups(x)
     rl.metrics({"duplicate_groups": len(dup), "distinct_vectors": n - sum(len(g) - 1 for g in dup)})
+    meta = {"model": cfg.model.name, "tensor": m.name, "metrics": ",".join(metrics)}
     nn_ids = nn_dist = None
-    for metric in metrics:
-        log.info("Computing %s distances between %s tokens", metric, f"{n:,}")
-        with rl.stage(f"pairwise_{metric}"):
-            d = engine.pairwise(x, metric, device=cfg.task.device, progress=cfg.task.progress)
-        with rl.stage(f"stats_{metric}"):
-            st = engine.upper_triangle_stats(d)
-        log_stats(metric, st)
-        rl.metrics({f"{metric}/{k}": v for k, v in st.items() if k != "n_pairs"})
-        summary[metric] = st
-        with rl.stage(f"report_{metric}"):
-            edges, counts, zeros = plots.upper_triangle_histogram(d)
-            rl.plot(plots.distance_histogram((edges, counts, zeros), out_dir / f"{metric}_histogram.png", metric=metric))
-            if n <= HEATMAP_MAX:
-                rl.plot(plots.clustered_heatmap(d, out_dir / f"{metric}_heatmap.png", metric=metric))
-            if nn_ids is None:  # nearest neighbours by the first metric chosen
-                nn_ids, nn_dist = nearest_neighbours(d)
-                nn_metric = metric
-        tensors[key_for(metric)] = d if d.dtype == dtype else d.to(dtype)
-        del d
+    with contextlib.ExitStack() as stack:
+        mapped = None
+        if ooc:  # the file is allocated now and filled in place; deleted unless the run completes
+            specs = {"spike_token_ids": (torch.int64, (n,))}
+            specs.update({key_for(metric): (torch.float32, (n, n)) for metric in metrics})
+            mapped = stack.enter_context(store.MappedSafetensors(out_dir / OUTPUT, specs, meta))
+            mapped.tensors["spike_token_ids"].copy_(ids)
+            log.info("Writing the matrices in place into %s (task.out_of_core=true)", mapped.tmp)
+        for metric in metrics:
+            log.info("Computing %s distances between %s tokens", metric, f"{n:,}")
+            with rl.stage(f"pairwise_{metric}"):
+                d = engine.pairwise(x, metric, device=cfg.task.device, progress=cfg.task.progress,
+                                    out=mapped.tensors[key_for(metric)] if mapped else None)
+            with rl.stage(f"stats_{metric}"):
+                st = engine.upper_triangle_stats(d)
+            log_stats(metric, st)
+            rl.metrics({f"{metric}/{k}": v for k, v in st.items() if k != "n_pairs"})
+            summary[metric] = st
+            with rl.stage(f"report_{metric}"):
+                edges, counts, zeros = plots.upper_triangle_histogram(d)
+                rl.plot(plots.distance_histogram((edges, counts, zeros), out_dir / f"{metric}_histogram.png",
+                                                 metric=metric))
+                if n <= HEATMAP_MAX:
+                    rl.plot(plots.clustered_heatmap(d, out_dir / f"{metric}_heatmap.png", metric=metric))
+                if nn_ids is None:  # nearest neighbours by the first metric chosen
+                    nn_ids, nn_dist = nearest_neighbours(d)
+                    nn_metric = metric
+            if mapped is None:
+                tensors[key_for(metric)] = d if d.dtype == dtype else d.to(dtype)
+            del d
 
-    with rl.stage("save"):
-        out = store.save_atomic(tensors, out_dir / OUTPUT, metadata={
-            "model": cfg.model.name, "tensor": m.name, "metrics": ",".join(metrics),
-        })
+        with rl.stage("save"):
+            out = mapped.commit() if mapped else store.save_atomic(tensors, out_dir / OUTPUT, metadata=meta)
     rl.output("distances", out)
     log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1024**2)
 
@@ -139,8 +156,10 @@ def tokenizer_location(cfg, tensor_file: Path) -> Path:
     return Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(tensor_file).parent
 
 
-def x_bytes(n: int, dim: int) -> int:
-    return n * dim * 4
+def working_bytes(n: int, dim: int) -> int:
+    """Memory besides the output: the engine's float32 and packed copies of the rows and its
+    tiles (~2 x 4 n dim + 64 MB), the stored rows, and the nearest-neighbour row blocks."""
+    return 3 * n * dim * 4 + (64 << 20) + 2 * 1024 * n * 4
 
 
 def log_stats(metric: str, st: dict) -> None:

@@ -1,6 +1,7 @@
 """Seed 08.4b: distance matrices for every snapshot of a training run."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -53,16 +54,37 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     metrics = list(cfg.metric.names)
     dtype = store.DTYPES[cfg.task.dtype]
     per_metric = t * v * v
-    store.check_fits(per_metric * 4 * len(metrics), per_metric * dtype.itemsize * len(metrics), out_dir,
-                     "store task.dtype=float16, or analyse fewer snapshots", cfg.task.memory_limit_gb)
+    ooc = cfg.task.out_of_core
+    store.check_fits(0 if ooc else per_metric * dtype.itemsize * len(metrics),
+                     per_metric * dtype.itemsize * len(metrics), out_dir,
+                     "analyse fewer snapshots" if ooc else
+                     "store task.dtype=float16, write the matrices to disk with task.out_of_core=true, "
+                     "or analyse fewer snapshots", cfg.task.memory_limit_gb)
 
+    with contextlib.ExitStack() as stack:
+        mapped = None
+        if ooc:  # the file is allocated now and the engine fills it in place; deleted unless completed
+            meta = {"history": str(path), "metrics": ",".join(metrics)}
+            specs = {f"{metric}_distances": (dtype, (t, v, v)) for metric in metrics}
+            mapped = stack.enter_context(store.MappedSafetensors(out_dir / OUTPUT, specs, meta))
+            log.info("Writing the matrices in place into %s (task.out_of_core=true)", mapped.tmp)
+        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped)
+    return summary
+
+
+def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped) -> dict:
+    """Distances for every snapshot (into the memory-mapped file when given), per-step
+    statistics, curves, pictures and tables."""
+    t, v, _ = history.shape
+    n_pairs = v * (v - 1) // 2
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
     distinct = groups.distinct_vectors_per_step(history)
     rl.series("distinct_vectors", distinct.tolist())
     log.info("Computing %s distances for %s snapshots of %d tokens", " and ".join(metrics), f"{t:,}", v)
     with rl.stage("pairwise"):  # one fused pass over every snapshot for all metrics
+        out = {m: mapped.tensors[f"{m}_distances"] for m in metrics} if mapped else None
         all_dist = engine.pairwise_snapshots_multi(history, metrics, out_dtype=dtype, device=cfg.task.device,
-                                                   progress=cfg.task.progress)
+                                                   out=out, progress=cfg.task.progress)
     for metric in metrics:
         dist = all_dist.pop(metric)
         with rl.stage(f"stats_{metric}"):
@@ -88,7 +110,8 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         tensors[f"{metric}_distances"] = dist
 
     with rl.stage("save"):
-        out = store.save_atomic(tensors, out_dir / OUTPUT, metadata={"history": str(path), "metrics": ",".join(metrics)})
+        out = mapped.commit() if mapped else store.save_atomic(
+            tensors, out_dir / OUTPUT, metadata={"history": str(path), "metrics": ",".join(metrics)})
     rl.output("pairwise_distances", out)
     log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1e6)
 
