@@ -750,3 +750,10 @@ def test_module_boundary_is_callable():
     d = embdist.pairwise(x, "euclidean")
     assert d.dtype == torch.float32 and d.shape == (40, 40)
     np.testing.assert_allclose(d.numpy(), _cdist(x.double().numpy(), x.double().numpy()), rtol=2e-6, atol=0)
+    # and in a fresh interpreter, where nothing has imported embdist.pairwise yet
+    import subprocess
+    import sys
+    code = ("import embdist, torch, sys; assert 'embdist.pairwise' not in sys.modules; "
+            "x = torch.tensor([[0., 0.], [3., 4.], [0., 0.]]); print(embdist.pairwise(x, 'euclidean').tolist())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[[0.0, 5.0, 0.0], [5.0, 0.0, 5.0], [0.0, 5.0, 0.0]]"
