@@ -256,7 +256,7 @@ def row_snap(rows, t, v, dd, dev):
     tag = f"[{dev.type}] snapshots {t}x{v}x{dd} (both)"
     rows.append((tag, "vs seed loop, same outputs", t_mo, t_so, t_so.wall / t_mo.wall, ">= 30x faster",
                  t_so.wall / t_mo.wall >= 30))
-    rows.append((tag, "end to end, fresh outputs", t_m, t_seed, t_seed.wall / t_m.wall, "(info: VM floor)", None))
+    rows.append((tag, "end to end, fresh outputs", t_m, t_seed, t_seed.wall / t_m.wall, "(info: +1st touch)", None))
     rows.append((tag, "f32 output 1st touch only", t_ft, t_seed, t_seed.wall / t_ft.wall, "(info: floor)", None))
     rows.append((tag, "2 single-metric calls", t_e + t_c, t_seed, t_seed.wall / (t_e + t_c).wall, "(info)", None))
     rows.append((tag, "float16 out vs seed", t_h, t_seed, t_seed.wall / t_h.wall, "(info)", None))

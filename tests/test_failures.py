@@ -210,6 +210,32 @@ def test_out_of_core_file_that_cannot_be_allocated(small_disk):
     assert list(small_disk.iterdir()) == []
 
 
+def test_out_of_core_file_interrupted_while_allocating_or_without_fallocate(tmp_path, monkeypatch):
+    """Ctrl-C while the file is being reserved leaves nothing; where fallocate is missing
+    (macOS) the file is extended sparse, with a warning, and is still a valid safetensors file."""
+    from safetensors.torch import load_file as load
+
+    from embdist import store
+
+    def interrupted(fd, nbytes):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(store, "_allocate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.MappedSafetensors(tmp_path / "d.safetensors", {"d": (torch.float32, (64, 64))})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delattr(os, "posix_fallocate")
+    with store.MappedSafetensors(tmp_path / "d.safetensors", {"d": (torch.float32, (3, 3)),
+                                                               "ids": (torch.int64, (3,))}) as f:
+        f.tensors["d"].copy_(torch.eye(3))
+        f.tensors["ids"].copy_(torch.tensor([5, 6, 7]))
+        f.commit()
+    got = load(str(tmp_path / "d.safetensors"))
+    assert torch.equal(got["d"], torch.eye(3)) and torch.equal(got["ids"], torch.tensor([5, 6, 7]))
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
 def test_unwritable_run_folder(home, tmp_path, matrix):
     (tmp_path / "a_file").write_text("")
     fails(home, *CUSTOM, f"model.path={matrix}", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}",

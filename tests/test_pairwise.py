@@ -526,13 +526,43 @@ def test_snapshots_into_caller_buffers(backend, tmp_path):
             "out_dtype"),
            ({"euclidean": torch.empty(t, v, v).transpose(1, 2), "chebyshev": torch.empty(t, v, v)},
             "not contiguous")]
-    shared = torch.empty(t, v, v)
-    bad.append(({"euclidean": shared, "chebyshev": shared}, "shares its memory"))
+    shared = torch.empty(2 * t, v, v)
+    bad.append(({"euclidean": shared[:t], "chebyshev": shared[:t]}, "overlaps"))
+    half = torch.empty(t * v * v + 7)                                    # partly overlapping views
+    bad.append(({"euclidean": half[:t * v * v].view(t, v, v), "chebyshev": half[7:].view(t, v, v)}, "overlaps"))
     for out, msg in bad:
         with pytest.raises(ValueError, match=msg):
             P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu", out=out)
     with pytest.raises(TypeError, match="torch.Tensor"):
         P.pairwise_snapshots(h, "euclidean", device="cpu", out=np.zeros((t, v, v), np.float32))
+    h32 = torch.zeros(t, v, v)                                          # the output would overwrite the input
+    h32[:, :, :d] = h.float()
+    with pytest.raises(ValueError, match="overlaps the history"):
+        P.pairwise_snapshots(h32[:, :, :d], "euclidean", device="cpu", out=h32)
+
+
+@pytest.mark.parametrize("v", [32, 48])
+def test_snapshots_into_caller_buffers_aligned_and_not(backend, v):
+    """V a multiple of 16: whole aligned rows (the native path's streaming stores), then the same
+    buffer shifted by 4 bytes (no longer 64-byte aligned: plain stores); float64 outputs too."""
+    t, d = 4, 70
+    h = snap_history(t, v, d, torch.bfloat16, seed=v)
+    fresh = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu")
+    for shift in (0, 1):
+        raw = [torch.full((t * v * v + 16 + shift,), 3.0) for _ in range(2)]
+        # (-ptr/4) mod 16 floats to the next 64-byte boundary, then `shift` floats past it
+        bufs = [r[(-(r.data_ptr() // 4)) % 16 + shift:][: t * v * v].view(t, v, v) for r in raw]
+        assert all((b.data_ptr() % 64 == 0) == (shift == 0) for b in bufs)
+        got = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu",
+                                         out={"euclidean": bufs[0], "chebyshev": bufs[1]})
+        assert torch.equal(got["euclidean"], fresh["euclidean"]) and torch.equal(got["chebyshev"], fresh["chebyshev"])
+    for i in range(t):
+        hi = h[i].double().numpy()
+        assert rel_err(fresh["euclidean"][i].numpy(), squareform(pdist(hi, "euclidean"))) <= 2e-6
+        assert torch.equal(fresh["chebyshev"][i], seed_chebyshev(h[i]))
+    o64 = torch.full((t, v, v), float("nan"), dtype=torch.float64)
+    r64 = P.pairwise_snapshots(h, "euclidean", out_dtype=torch.float64, device="cpu", out=o64)
+    assert r64 is o64 and torch.equal(o64, P.pairwise_snapshots(h, "euclidean", out_dtype=torch.float64, device="cpu"))
 
 
 @pytest.mark.parametrize("odt", [torch.float32, torch.float16, torch.bfloat16])

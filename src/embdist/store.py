@@ -128,29 +128,38 @@ class MappedSafetensors:
         try:
             fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            raise _disk_error(e, self.path) from None
-        try:
-            os.posix_fallocate(fd, 0, total)
-            os.pwrite(fd, struct.pack("<Q", len(head)) + head, 0)
-        except OSError as e:
-            os.close(fd)
+            raise _disk_error(e, self.path, "creating") from None
+        try:  # any failure (Ctrl-C included) before the caller holds this object removes the file
+            try:
+                _allocate(fd, total)
+                head = struct.pack("<Q", len(head)) + head
+                if os.pwrite(fd, head, 0) != len(head):
+                    raise OSError(errno.EIO, "short write of the safetensors header")
+            finally:
+                os.close(fd)
+            self._map = np.memmap(self.tmp, dtype=np.uint8, mode="r+", shape=(total,)) if offset else None
+            self.tensors: dict[str, torch.Tensor] = {}
+            for name in specs:
+                dtype, shape, off, nbytes = layout[name]
+                if nbytes == 0:
+                    self.tensors[name] = torch.empty(shape, dtype=dtype)
+                else:
+                    raw = torch.from_numpy(self._map[start + off:start + off + nbytes])
+                    self.tensors[name] = raw.view(dtype).view(shape)
+        except BaseException as e:
             self.tmp.unlink(missing_ok=True)
-            raise _disk_error(e, self.path) from None
-        os.close(fd)
-        self._map = np.memmap(self.tmp, dtype=np.uint8, mode="r+", offset=0, shape=(total,)) if offset else None
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name in specs:
-            dtype, shape, off, nbytes = layout[name]
-            if nbytes == 0:
-                self.tensors[name] = torch.empty(shape, dtype=dtype)
-            else:
-                self.tensors[name] = torch.from_numpy(self._map[start + off:start + off + nbytes]).view(dtype).view(shape)
+            if isinstance(e, OSError):
+                raise _disk_error(e, self.path, "allocating") from None
+            raise
         self.committed = False
 
     def commit(self) -> Path:
-        if self._map is not None:
-            self._map.flush()
-        os.replace(self.tmp, self.path)
+        try:
+            if self._map is not None:
+                self._map.flush()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise _disk_error(e, self.path, "writing") from None
         self.committed = True
         return self.path
 
@@ -162,9 +171,27 @@ class MappedSafetensors:
             self.tmp.unlink(missing_ok=True)
 
 
-def _disk_error(e: OSError, path: Path) -> Exception:
+def _allocate(fd: int, nbytes: int) -> None:
+    """Reserve the file's blocks now, so a full disk is an error here rather than SIGBUS while
+    the memory map is written.  Without posix_fallocate (macOS) or where the file system cannot
+    (EOPNOTSUPP), the file is only extended, sparse, with a warning."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    import logging
+    logging.getLogger(__name__).warning(
+        "cannot reserve disk space here (no fallocate): if the disk fills up while the matrices "
+        "are written, the process is killed by SIGBUS and leaves a temporary file")
+    os.ftruncate(fd, nbytes)
+
+
+def _disk_error(e: OSError, path: Path, doing: str) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return InputError(f"{e.strerror} while allocating {str(path)!r}; free space there or set hydra.run.dir "
+        return InputError(f"{e.strerror} while {doing} {str(path)!r}; free space there or set hydra.run.dir "
                           "to a larger disk (nothing was left under the final name)")
     return e
 

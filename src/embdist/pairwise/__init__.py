@@ -291,15 +291,18 @@ def _snap_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def _prepare_snap_outs(out, metrics, shape, out_dtype) -> dict[str, torch.Tensor]:
-    """The caller's output tensors (checked: one per metric, shape, dtype, CPU, contiguous, no
-    two the same memory), or fresh ones."""
+def _prepare_snap_outs(out, metrics, shape, out_dtype, history) -> dict[str, torch.Tensor]:
+    """The caller's output tensors (checked: one per metric, shape, dtype, CPU, contiguous, not
+    overlapping one another or the history), or fresh ones."""
     if out is None:
         return {m: _snap_empty(shape, out_dtype) for m in metrics}
     if not isinstance(out, dict) or set(out) != set(metrics):
         got = sorted(out) if isinstance(out, dict) else type(out).__name__
         raise ValueError(f"out must be a dict with one tensor per metric {metrics}, got {got}")
-    seen = set()
+    seen = {}
+    if history.device.type == "cpu" and history.numel():
+        st = history.untyped_storage()
+        seen["the history"] = (st.data_ptr(), st.data_ptr() + st.nbytes())
     for m in metrics:
         o = out[m]
         if not isinstance(o, torch.Tensor):
@@ -309,9 +312,11 @@ def _prepare_snap_outs(out, metrics, shape, out_dtype) -> dict[str, torch.Tensor
             raise ValueError(f"out[{m!r}] must be a contiguous {out_dtype} CPU tensor of shape {tuple(shape)} "
                              f"(pass out_dtype= to match it), got {o.dtype} {tuple(o.shape)} on {o.device}"
                              + ("" if o.is_contiguous() else ", not contiguous"))
-        if o.numel() and o.data_ptr() in seen:
-            raise ValueError(f"out[{m!r}] shares its memory with another metric's output")
-        seen.add(o.data_ptr())
+        lo, hi = o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()
+        for other, (a, b) in seen.items():
+            if o.numel() and lo < b and a < hi:
+                raise ValueError(f"out[{m!r}] overlaps {other}; give each output its own memory")
+        seen[f"out[{m!r}]"] = (lo, hi)
     return {m: out[m] for m in metrics}
 
 
@@ -336,7 +341,7 @@ def pairwise_snapshots_multi(history: torch.Tensor, metrics, *, out_dtype: torch
     dev = C.resolve_device(device)
     C.check_device_available(dev)
     t, v, dd = history.shape
-    outs = _prepare_snap_outs(out, metrics, (t, v, v), out_dtype)
+    outs = _prepare_snap_outs(out, metrics, (t, v, v), out_dtype, history)
     fresh = out is None          # fresh pages: plain stores; reused buffers: streaming stores
     if t == 0 or v == 0:
         return outs

@@ -71,7 +71,8 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     store.check_fits(out_bytes + working_bytes(n, dim), disk_bytes, out_dir,
                      "narrow the bbox, or use task=vocab (no N x N matrix)" if ooc else
                      "narrow the bbox, store task.dtype=float16, write the matrices to disk with "
-                     "task.out_of_core=true, or use task=vocab (no N x N matrix)",
+                     f"task.out_of_core=true{'' if cfg.task.dtype == 'float32' else ' task.dtype=float32'}, "
+                     "or use task=vocab (no N x N matrix)",
                      cfg.task.memory_limit_gb)
 
     x = m.tensor[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32

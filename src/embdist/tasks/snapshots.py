@@ -55,7 +55,7 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     dtype = store.DTYPES[cfg.task.dtype]
     per_metric = t * v * v
     ooc = cfg.task.out_of_core
-    store.check_fits(0 if ooc else per_metric * dtype.itemsize * len(metrics),
+    store.check_fits(0 if ooc else per_metric * 4 * len(metrics),
                      per_metric * dtype.itemsize * len(metrics), out_dir,
                      "analyse fewer snapshots" if ooc else
                      "store task.dtype=float16, write the matrices to disk with task.out_of_core=true, "
