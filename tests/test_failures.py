@@ -330,6 +330,38 @@ def test_parallel_joblib_sweep_loses_no_run(home, matrix):
     assert [e.name for e in c.search_experiments()].count("embdist") == 1
 
 
+def test_sweep_records_failed_jobs_and_goes_on(home, matrix):
+    # job 1: a value refused by the schema; job 2: a box that selects no token (fails mid-task)
+    p = run_embdist("-m", *CUSTOM, f"model.path={matrix}", "bbox=all", "bbox.lat_min=-90,95,89.99", home=home,
+                    check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert "embdist: error: job 1 (" in p.stderr and "outside [-90, 90]" in p.stderr
+    assert "embdist: error: job 2 (" in p.stderr and "selects 0 token(s)" in p.stderr
+    assert "2 of 3 jobs failed" in p.stderr
+    runs = runs_of(home)
+    (parent,) = [r for r in runs if r.data.tags.get("embdist.sweep") == "parent"]
+    children = sorted((r for r in runs if r is not parent), key=lambda r: r.info.run_name)
+    assert parent.info.status == "FAILED" and "2 of 3 jobs failed" in parent.data.tags["error"]
+    assert parent.data.metrics["jobs_failed"] == 2 and parent.data.metrics["jobs"] == 3
+    assert [r.info.status for r in children] == ["FINISHED", "FAILED", "FAILED"]
+    assert "outside [-90, 90]" in children[1].data.tags["error"]
+    assert "selects 0 token(s)" in children[2].data.tags["error"]
+    assert Path(children[0].data.tags["output.distances"]).is_file()
+    assert not list(Path(children[2].data.tags["embdist.run_dir"]).glob("*.safetensors*"))
+
+
+def test_sweep_whose_shard_merge_fails_is_failed(home, matrix):
+    p = run_embdist("-m", "task=vocab", *CUSTOM, f"model.path={matrix}", "shard.count=2", "shard.index=0",
+                    home=home, check=False)
+    assert p.returncode == 2, p.stderr
+    assert "missing [1]" in p.stderr and "python -m embdist.merge" in p.stderr and "Traceback" not in p.stderr
+    runs = runs_of(home)
+    (parent,) = [r for r in runs if r.data.tags.get("embdist.sweep") == "parent"]
+    assert parent.info.status == "FAILED" and "merge failed" in parent.data.tags["error"]
+    assert [r.info.status for r in runs if r is not parent] == ["FINISHED"]
+
+
 def test_same_input_gives_bit_identical_outputs(home, matrix):
     for _ in range(2):
         run_embdist(*CUSTOM, f"model.path={matrix}", "bbox=all", "metric=both", home=home)

@@ -27,11 +27,14 @@ def run_task(cfg: DictConfig) -> dict:
     from embdist.tasks import overdensity, snapshots, vocab
 
     tasks = {"overdensity": overdensity, "snapshots": snapshots, "vocab": vocab}
-    OmegaConf.to_object(cfg)  # builds the typed objects: their __post_init__ checks run before any work
     hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    if not sweep:  # a single run refuses a bad value before any MLflow run exists
+        OmegaConf.to_object(cfg)  # builds the typed objects: their __post_init__ checks run before any work
     run_dir = Path(hc.runtime.output_dir)
-    job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
-    with job_run(cfg, run_dir, job_num, run_dir / f"{hc.job.name}.log") as rl:
+    with job_run(cfg, run_dir, hc.job.num if sweep else None, run_dir / f"{hc.job.name}.log") as rl:
+        if sweep:  # in a sweep the failed job is a FAILED child run, so the sweep's runs tell every outcome
+            OmegaConf.to_object(cfg)
         return tasks[cfg.task.name].run(cfg, rl, run_dir)
 
 
@@ -57,6 +60,12 @@ def main(cfg: DictConfig) -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or (isinstance(e, OSError) and e.errno not in DISK_FULL):
             raise
         log.error("%s", e)
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            # Recorded on the job's FAILED run; the sweep goes on and ends with exit status 2
+            # (embdist.tracking.SweepParentRun).
+            print(f"embdist: error: job {hc.job.num} ({' '.join(hc.overrides.task)}): {e}", file=sys.stderr)
+            return
         print(f"embdist: error: {e}", file=sys.stderr)
         sys.exit(2)
 

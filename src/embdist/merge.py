@@ -171,9 +171,10 @@ class MergeShards(Callback):
             log.error("merging the shards of %s failed: %s", self.sweep_dir, msg)
             print(f"embdist: error: merging the shards of {self.sweep_dir} failed: {msg}; "
                   f"fix it and run: python -m embdist.merge {self.sweep_dir}", file=sys.stderr)
-            if rl is not None:
-                rl.tag("error", f"merge failed: {msg}")
-            raise
+            if rl is None:
+                raise
+            # the sweep's parent run (embdist.tracking.SweepParentRun) then closes FAILED, exit status 2
+            rl.tag("error", f"merge failed: {msg}")
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -230,7 +231,20 @@ class SweepParentRun(Callback):
         failed = [r for r in children if r.info.status != "FINISHED"]
         self.client.log_metric(self.run_id, "jobs", len(children))
         self.client.log_metric(self.run_id, "jobs_failed", len(failed))
-        self._close(RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+        problems = []
+        if failed:
+            first = min(failed, key=lambda r: r.info.start_time)
+            problems.append(f"{len(failed)} of {len(children)} jobs failed (first: {first.info.run_name}: "
+                            f"{first.data.tags.get('error', first.info.status)})")
+        end_error = retry(lambda: self.client.get_run(self.run_id)).data.tags.get("error")
+        if end_error:      # set by a step at the sweep's end (the vocab shard merge)
+            problems.append(end_error)
+        if problems:
+            retry(lambda: self.client.set_tag(self.run_id, "error", "; ".join(problems)))
+        self._close(RunStatus.to_string(RunStatus.FAILED if problems else RunStatus.FINISHED))
+        if problems:  # the sweep ran every job; its exit status says that some failed
+            print(f"embdist: error: sweep {config.hydra.sweep.dir}: {'; '.join(problems)}", file=sys.stderr)
+            sys.exit(2)
 
     def _close(self, status: str) -> None:
         if self.run_id is not None and self.client is not None:
