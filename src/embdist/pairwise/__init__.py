@@ -133,7 +133,11 @@ upper-triangle tiles.  Euclidean uses a float64 GEMM where the device has float6
 CUDA; bound gamma_d |a||b|, so only d^2 < ~1e-9 |a||b| is recomputed), plus the same
 groups, direct recomputation and rounding guards.  MPS has no float64: float32 GEMM on
 centred data with an error model (not a proof), recomputation on the CPU in float64.
-Chebyshev uses torch.cdist(p=inf) per tile (exact operations, bit-identical).
+Chebyshev uses torch.cdist(p=inf) per tile (exact operations, bit-identical).  Snapshots
+(CUDA, CPU fallback): chunks of snapshots with (b, V, V) temporaries only -- batched
+cdist(p=inf) for Chebyshev and for the identical-row test, a batched float64 GEMM with the same
+bound and direct recomputation for Euclidean; MPS, Manhattan, cosine and chunks holding NaN or
+inf take direct differences of sub-chunks of at most 96 MB.
 
 Environment: EMBDIST_PAIRWISE_BACKEND=auto|native|generic (CPU path choice),
 EMBDIST_PAIRWISE_NATIVE=0 (never build), EMBDIST_PAIRWISE_THREADS (default

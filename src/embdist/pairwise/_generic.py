@@ -170,42 +170,84 @@ def _manhattan_tile_f64cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def snapshots(h32: torch.Tensor, out: torch.Tensor, dev: torch.device, metric: str, bar) -> None:
-    """(T, V, D) float32 -> fills out (T, V, V) (any float dtype), per snapshot exact."""
+    """(T, V, D) float32 -> fills out (T, V, V) (any float dtype), per snapshot exact, a chunk
+    of snapshots at a time.  Euclidean, squared and Chebyshev on CPU/CUDA hold only (b, V, V)
+    temporaries (``_chunk_gemm``); MPS (no float64), Manhattan, cosine and chunks holding NaN or
+    inf take direct differences of a smaller chunk (``_chunk_direct``: b x V x V x D, <= 96 MB)."""
     t, v, d = h32.shape
-    per = max(1, (96 << 20) // (8 * v * v * max(d, 1)))
+    gemm = metric in ("euclidean", "sqeuclidean", "chebyshev") and _fp64_ok(dev)
+    per = max(1, (64 << 20) // (32 * v * v)) if gemm else max(1, (96 << 20) // (8 * v * v * max(d, 1)))
     iu = torch.triu_indices(v, v, 1)
-    use64 = dev.type != "mps"
     for s in range(0, t, per):
         e = min(t, s + per)
         hb = h32[s:e].to(dev)
-        diff = hb[:, :, None, :] - hb[:, None, :, :]
-        if metric == "chebyshev":
-            r = diff.abs_().amax(-1)
-            nz = r != 0
-        elif metric in ("euclidean", "sqeuclidean"):
-            dd = (hb.double()[:, :, None, :] - hb.double()[:, None, :, :]) if use64 else diff.cpu().double()
-            r = dd.square_().sum(-1)
-            nz = (diff != 0).any(-1).to(r.device)
-            if metric == "euclidean":
-                r = r.sqrt_()
-        elif metric == "manhattan":
-            dd = (hb.double()[:, :, None, :] - hb.double()[:, None, :, :]) if use64 else diff.cpu().double()
-            r = dd.abs_().sum(-1)
-            nz = (diff != 0).any(-1).to(r.device)
-        else:  # cosine
-            hh = hb.double() if use64 else hb.cpu().double()
-            nrm = hh.norm(dim=-1)
-            hn = hh / torch.where(nrm > 0, nrm, torch.ones_like(nrm))[..., None]
-            r = (hn[:, :, None, :] - hn[:, None, :, :]).square_().sum(-1) * 0.5
-            zero = nrm == 0
-            r = torch.where(zero[:, :, None] ^ zero[:, None, :], torch.ones_like(r), r)
-            nz = (diff != 0).any(-1).to(r.device)
-            r = r.clamp_(0.0, 2.0)
-            r = torch.where(nz, r, torch.zeros_like(r))
+        if gemm and bool(torch.isfinite(hb).all()):
+            r, nz = _chunk_gemm(hb, metric)
+        else:   # non-finite values follow the seed's IEEE arithmetic, pair by pair
+            r, nz = _chunk_direct_bounded(hb, metric, dev)
         out[s:e].copy_(C.to_dtype_keep_nonzero(r, nz, out.dtype, cosine=metric == "cosine").cpu())
-        # exact symmetry / zero diagonal
-        o = out[s:e]
+        o = out[s:e]                      # exact symmetry (the GEMM's two halves may differ) and zero diagonal
         o[:, iu[1], iu[0]] = o[:, iu[0], iu[1]]
         o.diagonal(dim1=1, dim2=2).zero_()
         if bar is not None:
             bar.update(e - s)
+
+
+def _chunk_gemm(hb: torch.Tensor, metric: str):
+    """(b, V, D) finite -> ((b, V, V) distances, nonzero mask).  Chebyshev: batched
+    torch.cdist(p=inf) (exact operations: bit-identical to the seed; 0 exactly for identical
+    rows).  Euclidean: float64 batched GEMM |a|^2 + |b|^2 - 2 a.b; every pair its error bound
+    (gamma_d |a||b|) cannot resolve is recomputed directly in float64; identical rows
+    (Chebyshev 0) are exactly 0."""
+    d = hb.shape[2]
+    cheb = torch.cdist(hb, hb, p=float("inf"))
+    same = cheb == 0
+    if metric == "chebyshev":
+        return cheb, ~same
+    hd = hb.double()
+    g = hd @ hd.mT
+    nrm = hd.square().sum(-1)
+    na, nb = nrm[:, :, None], nrm[:, None, :]
+    d2 = na + nb - 2.0 * g
+    flag = (d2 <= C.gemm_error_bound_f64(na, nb, g, d) * C.INV_2TOL) & ~same
+    del g
+    fi = torch.nonzero(flag)
+    step = max(1, (32 << 20) // (8 * max(d, 1)))            # flagged pairs gathered per round
+    for k in range(0, fi.shape[0], step):
+        q = fi[k:k + step]
+        d2[q[:, 0], q[:, 1], q[:, 2]] = (hd[q[:, 0], q[:, 1]] - hd[q[:, 0], q[:, 2]]).square_().sum(1)
+    d2.clamp_(min=0.0)
+    d2[same] = 0.0
+    return (d2.sqrt_() if metric == "euclidean" else d2), ~same
+
+
+def _chunk_direct_bounded(hb: torch.Tensor, metric: str, dev: torch.device):
+    """_chunk_direct over sub-chunks small enough for its b x V x V x D differences."""
+    b, v, d = hb.shape
+    sub = max(1, (96 << 20) // (8 * v * v * max(d, 1)))
+    parts = [_chunk_direct(hb[k:k + sub], metric, dev) for k in range(0, b, sub)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _chunk_direct(hb: torch.Tensor, metric: str, dev: torch.device):
+    use64 = dev.type != "mps"
+    diff = hb[:, :, None, :] - hb[:, None, :, :]
+    if metric == "chebyshev":
+        r = diff.abs_().amax(-1)
+        return r, r != 0
+    nz = (diff != 0).any(-1)
+    if metric in ("euclidean", "sqeuclidean", "manhattan"):
+        dd = (hb.double()[:, :, None, :] - hb.double()[:, None, :, :]) if use64 else diff.cpu().double()
+        r = dd.abs_().sum(-1) if metric == "manhattan" else dd.square_().sum(-1)
+        if metric == "euclidean":
+            r = r.sqrt_()
+        return r, nz.to(r.device)
+    hh = hb.double() if use64 else hb.cpu().double()      # cosine
+    nrm = hh.norm(dim=-1)
+    hn = hh / torch.where(nrm > 0, nrm, torch.ones_like(nrm))[..., None]
+    r = (hn[:, :, None, :] - hn[:, None, :, :]).square_().sum(-1) * 0.5
+    zero = nrm == 0
+    r = torch.where(zero[:, :, None] ^ zero[:, None, :], torch.ones_like(r), r)
+    nz = nz.to(r.device)
+    r = r.clamp_(0.0, 2.0)
+    return torch.where(nz, r, torch.zeros_like(r)), nz
