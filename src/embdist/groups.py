@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from embdist.pairwise._common import equal_hash_runs
+
 _SEED = 0x5EED_6A09
 _CHUNK_WORDS = 1 << 22  # words hashed per block: bounds the uint64 temporaries to ~32 MiB
 
@@ -78,15 +80,8 @@ def duplicate_groups(x) -> list[np.ndarray]:
     n = bits.shape[0]
     if n < 2:
         return []
-    h = _hash_rows(bits)
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    cut = np.flatnonzero(hs[1:] != hs[:-1]) + 1
-    starts = np.concatenate(([0], cut))
-    ends = np.concatenate((cut, [n]))
     groups: list[np.ndarray] = []
-    for k in np.flatnonzero(ends - starts > 1):
-        idx = order[starts[k]:ends[k]]  # ascending: the sort is stable
+    for idx in equal_hash_runs(_hash_rows(bits)):
         rows = bits[idx]
         if bool((rows == rows[0]).all()):
             groups.append(idx.astype(np.int64))

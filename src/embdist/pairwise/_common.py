@@ -105,7 +105,9 @@ def row_groups(x32: torch.Tensor, hash_rows=None) -> np.ndarray:
     return groups
 
 
-def _groups_from_hash(a: np.ndarray, h: np.ndarray, groups: np.ndarray) -> None:
+def equal_hash_runs(h: np.ndarray):
+    """Index arrays (ascending) of the rows sharing one hash value, for every value held by two
+    or more rows: the candidates of a duplicate group, to be verified elementwise."""
     n = len(h)
     order = np.argsort(h, kind="stable")
     hs = h[order]
@@ -113,7 +115,11 @@ def _groups_from_hash(a: np.ndarray, h: np.ndarray, groups: np.ndarray) -> None:
     starts = np.concatenate(([0], cut))
     ends = np.concatenate((cut, [n]))
     for k in np.flatnonzero(ends - starts > 1):
-        idx = order[starts[k]:ends[k]]          # ascending (stable sort)
+        yield order[starts[k]:ends[k]]          # ascending (stable sort)
+
+
+def _groups_from_hash(a: np.ndarray, h: np.ndarray, groups: np.ndarray) -> None:
+    for idx in equal_hash_runs(h):
         rows = a[idx]
         if bool((rows == rows[0]).all()):
             groups[idx] = idx[0]
