@@ -34,6 +34,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from embdist.atomic import atomic_path
+
 DPI = 100
 BOX_COLOR = "#d62728"
 _BLOCK_ELEMS = 1 << 22  # values per row block in upper_triangle_histogram (16 MiB of float32)
@@ -48,19 +50,13 @@ def _figure(width: float, height: float, dpi: int = DPI) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # renamed when complete: no half-written PNG
     try:
-        # No bbox_inches="tight": the PNG is exactly figsize x dpi pixels.
-        fig.savefig(tmp, format="png", dpi=fig.dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:   # no half-written PNG
+            # No bbox_inches="tight": the PNG is exactly figsize x dpi pixels.
+            fig.savefig(tmp, format="png", dpi=fig.dpi)
     finally:
         fig.clear()
-    return path
+    return Path(path)
 
 
 def _np(x, dtype=None) -> np.ndarray:
@@ -355,7 +351,7 @@ def _as_hist(v, bins: int):
 # ------------------------------------------------------------------------------- group sizes
 
 def group_sizes(sizes, path: str | os.PathLike, title: str | None = None, dpi: int = DPI) -> Path:
-    """Sizes of the groups of identical vectors (from ``embdist.groups.duplicate_groups``).
+    """Sizes of the groups of identical vectors (from ``embdist.rows.duplicate_groups``).
 
     Left: one bar per group, largest first (sizes written on the bars when there are at most
     40 groups; log axis when sizes span more than a factor 30). Right: how many groups have
@@ -417,7 +413,7 @@ def snapshot_curves(per_step: Mapping[str, Mapping[str, Sequence]], distinct, pa
     ``per_step[metric]`` holds arrays ``min``, ``mean``, ``max`` over the strict upper
     triangle of each snapshot (other keys are ignored), e.g. from
     ``embdist.pairwise.snapshot_step_stats``; ``distinct`` is the (T,) array of
-    :func:`embdist.groups.distinct_vectors_per_step` (None: no panel). ``steps`` gives the
+    :func:`embdist.rows.distinct_per_step` (None: no panel). ``steps`` gives the
     x values (default 0..T-1).
     """
     metrics = list(per_step)

@@ -47,18 +47,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import math
 import os
-import struct
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from embdist import rows, store
 
 __all__ = [
     "VOCAB_SIZE",
@@ -129,15 +128,10 @@ def load_corpus(text_path: str | os.PathLike | None = None) -> tuple[bytes, str]
 
 
 def count_distinct_rows(history: torch.Tensor) -> list[int]:
-    """Number of distinct embedding rows (groups of identical tokens) at each step.
-
-    Equality is exact (bit-for-bit after mapping -0.0 to +0.0, i.e. numeric equality for
-    non-NaN values).  ``history`` may be ``(steps, vocab, dim)`` or a single ``(vocab, dim)``.
-    """
+    """Number of distinct embedding rows (groups of identical tokens) at each step, by
+    :mod:`embdist.rows` (bitwise, -0.0 == +0.0).  ``history`` is (steps, vocab, dim) or (vocab, dim)."""
     h = history if history.dim() == 3 else history.unsqueeze(0)
-    h = (h.to(torch.bfloat16) + 0.0).contiguous()  # -0.0 + 0.0 == +0.0
-    bits = h.view(torch.int16)
-    return [int(torch.unique(step, dim=0).shape[0]) for step in bits]
+    return rows.distinct_per_step(h).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,49 +358,8 @@ def train_snapshots(
         "loss_first10_mean": repr(_mean(losses[:10])),
         "loss_last10_mean": repr(_mean(losses[-10:])),
     }
-    _atomic_save({HISTORY_KEY: history}, out, metadata)
+    store.write_safetensors({HISTORY_KEY: history}, out, metadata)
     return out
-
-
-def _safetensors_bytes_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors header (length prefix + JSON) with keys in sorted order.
-
-    ``safetensors.torch.save_file`` serialises its header from a Rust hash map whose order changes
-    from process to process, so two identical runs would not give identical files; this writer
-    is byte-for-byte reproducible and is read by any safetensors reader.
-    """
-    dtypes = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
-    return struct.pack("<Q", len(blob)) + blob
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file under a temporary name in ``out``'s folder, then rename it."""
-    if sys.byteorder != "little":  # safetensors data are little-endian
-        raise RuntimeError("writing safetensors from a big-endian host is not supported")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(_safetensors_bytes_header(tensors, metadata))
-            for name in sorted(tensors):
-                t = tensors[name].detach().contiguous().cpu()
-                fh.write(t.view(torch.uint8).reshape(-1).numpy().tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

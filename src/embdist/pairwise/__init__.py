@@ -152,6 +152,8 @@ import os
 
 import torch
 
+from embdist import rows
+
 from . import _common as C
 from . import _generic
 from . import _native
@@ -230,7 +232,7 @@ def pairwise(x: torch.Tensor, metric: str = "euclidean", *, device: str = "auto"
         from . import _cpu
         with _bar(progress, _cpu.n_items(n), f"pairwise {metric}") as bar:
             if metric in ("euclidean", "sqeuclidean", "cosine"):
-                groups = _cpu.row_groups(lib, x32)
+                groups = rows.row_groups(x, nan_equal=False)
                 if metric == "cosine":
                     xn, zero_rows = _normalize_rows(x32)
                     _cpu.euclid_like(lib, xn, groups, out, "cosine", bar, zero_rows=zero_rows)
@@ -240,7 +242,7 @@ def pairwise(x: torch.Tensor, metric: str = "euclidean", *, device: str = "auto"
                 _cpu.direct_metric(lib, x32, out, metric, bar)
         return out
     if metric in ("euclidean", "sqeuclidean", "cosine"):
-        groups = C.row_groups(x32)
+        groups = rows.row_groups(x, nan_equal=False)
         with _bar(progress, _generic.n_work_euclid(n, dev), f"pairwise {metric}") as bar:
             if metric == "cosine":
                 xn, zero_rows = _normalize_rows(x32)
