@@ -1,7 +1,9 @@
 """Shared helpers: argument checks, identical-row groups, GEMM error model, rounding guards."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -158,3 +160,30 @@ def to_dtype_keep_nonzero(res: torch.Tensor, nonzero: torch.Tensor, dtype: torch
         fi = torch.finfo(dtype)
         r[bad] = fi.smallest_normal * fi.eps   # smallest positive subnormal
     return r
+
+
+@contextlib.contextmanager
+def progress_bar(progress: bool, total: int, desc: str):
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=desc, unit="tile", leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def native_lib(dev: torch.device):
+    """The native library when the CPU path should use it, else None."""
+    choice = os.environ.get("EMBDIST_PAIRWISE_BACKEND", "auto")
+    if choice not in ("auto", "native", "generic"):
+        raise ValueError(f"EMBDIST_PAIRWISE_BACKEND must be auto, native or generic, got {choice!r}")
+    if dev.type != "cpu" or choice == "generic":
+        return None
+    from . import _native
+    lib = _native.load()
+    if lib is None and choice == "native":
+        raise RuntimeError(f"native kernels requested but unavailable: {_native.load_error()}")
+    return lib
