@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +80,9 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**2 if sys.platform == "darwin" else 1024)
 
 
 def sha256(path: Path) -> str:
