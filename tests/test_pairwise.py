@@ -488,7 +488,7 @@ def test_snapshots_multi_api(backend, monkeypatch):
         assert r64[m].dtype == torch.float64
         assert torch.equal(r64[m], P.pairwise_snapshots(h, m, out_dtype=torch.float64, device="cpu"))
     with monkeypatch.context() as mp:                 # outputs on transparent huge pages (opt-in)
-        mp.setattr(P, "_THP_MIN_BYTES", 0)
+        mp.setattr(P._snapshots, "_THP_MIN_BYTES", 0)
         mp.setenv("EMBDIST_SNAPSHOT_THP", "1")
         thp = P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu")
     assert all(torch.equal(thp[m], res[m]) for m in thp)
