@@ -139,9 +139,16 @@ cdist(p=inf) for Chebyshev and for the identical-row test, a batched float64 GEM
 bound and direct recomputation for Euclidean; MPS, Manhattan, cosine and chunks holding NaN or
 inf take direct differences of sub-chunks of at most 96 MB.
 
-Environment: EMBDIST_PAIRWISE_BACKEND=auto|native|generic (CPU path choice),
+Kernel tiers (``_native.py``): avx512, avx2 (AVX2 + FMA), neon (ARM64), portable, or torch
+(no native library); the best one the CPU runs is picked at load time.
+``use_kernels(name) -> str`` forces one (auto|avx512|avx2|neon|portable|torch; InputError if the
+CPU lacks it) and returns the tier in use; ``active_kernels() -> str`` says which tier runs.
+
+Environment: EMBDIST_KERNELS=auto|avx512|avx2|neon|portable|torch (tier, as use_kernels),
+EMBDIST_PAIRWISE_BACKEND=auto|native|generic (CPU path choice),
 EMBDIST_PAIRWISE_NATIVE=0 (never build), EMBDIST_PAIRWISE_THREADS (default
-torch.get_num_threads()), EMBDIST_CACHE_DIR, EMBDIST_PAIRWISE_MARCH (default native), CC,
+torch.get_num_threads()), EMBDIST_CACHE_DIR, EMBDIST_PAIRWISE_MARCH (with auto: one build
+for that -march, the compiler's target decides the tier), CC,
 EMBDIST_SNAPSHOT_THP=1 (snapshot outputs on transparent huge pages, see ``_snap_empty``).
 """
 from __future__ import annotations
@@ -155,10 +162,11 @@ import torch
 from . import _common as C
 from . import _generic
 from . import _native
+from ._native import active_kernels, use_kernels
 from ._stats import snapshot_step_stats, upper_triangle_stats
 
 __all__ = ["pairwise", "pairwise_snapshots", "pairwise_snapshots_multi", "upper_triangle_stats",
-           "snapshot_step_stats", "output_nbytes", "METRICS"]
+           "snapshot_step_stats", "output_nbytes", "METRICS", "use_kernels", "active_kernels"]
 
 METRICS = C.METRICS
 

@@ -1,0 +1,17 @@
+/* Tier avx2 (x86-64 with AVX2 + FMA: AMD Zen 1-5, Intel Haswell and later desktop chips):
+ * the vector interface of kernels.c.  16 registers of 8 float32: gram tiles 4 x 16
+ * (8 live accumulators, the first chain of a block parked in L1 by the register allocator),
+ * Chebyshev / Manhattan tiles 4 x 16, snapshot tiles 2 x 16. */
+#include <immintrin.h>
+#define EMB_TIER_NAME "avx2"
+#define VW 8
+typedef __m256 vf;
+#define GMR 4
+#define GNV 2
+#define CMR 4
+#define CNV 2
+#define SNR 2
+static inline vf vset1(float s) { return _mm256_set1_ps(s); }
+static inline vf vmac(vf acc, vf a, vf b) { return _mm256_fmadd_ps(a, b, acc); }
+static inline vf vabs(vf x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+static inline vf vabsmax(vf m, vf x) { return _mm256_max_ps(m, vabs(x)); }
