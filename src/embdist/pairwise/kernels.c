@@ -87,7 +87,7 @@
 
 #define GNC (GNV * VW)   /* gram: columns per tile */
 #define CNC (CNV * VW)   /* chebyshev / manhattan: columns per tile */
-#if PW % GMR || PW % GNC || PW % CMR || PW % CNC || 16 % VW || 16 % SNR
+#if PW % GNC || PW % CMR || PW % CNC || 16 % VW || 16 % SNR
 #error "tile shapes must divide the panel width"
 #endif
 
@@ -102,12 +102,19 @@ typedef double vd __attribute__((vector_size(VW * 8)));   /* VW float64 lanes */
 EMB_INLINE vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 EMB_INLINE void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 EMB_INLINE vf vzero(void) { return vset1(0.0f); }
-/* p[0..VW) += (double)v (float64 accumulation of a float32 partial) */
+/* p[0..VW) += (double)v (float64 accumulation of a float32 partial), in two halves of the
+ * register width (one float64 vector each: no wider-than-register temporaries) */
+typedef float vfh __attribute__((vector_size(VW * 2)));   /* VW/2 float32 lanes */
+typedef double vdh __attribute__((vector_size(VW * 4)));  /* VW/2 float64 lanes: one register */
 EMB_INLINE void vacc_f64(double *p, vf v) {
-    vd c;
-    memcpy(&c, p, sizeof c);
-    c += __builtin_convertvector(v, vd);
-    memcpy(p, &c, sizeof c);
+    vfh h[2];
+    memcpy(h, &v, sizeof v);
+    for (int q = 0; q < 2; q++) {
+        vdh c;
+        memcpy(&c, p + q * (VW / 2), sizeof c);
+        c += __builtin_convertvector(h[q], vdh);
+        memcpy(p + q * (VW / 2), &c, sizeof c);
+    }
 }
 
 /* ------------------------------------------------------------------ dtype loads
@@ -284,32 +291,40 @@ static double memo_sq(memo_t *tab, const void *x, int dt, int64_t d, int64_t n, 
  * a: GMR / CMR consecutive rows of a packed panel, b: GNC / CNC consecutive columns of another,
  * both k-major with stride PW (panels are 64-byte aligned). */
 
-/* one float32 chain: c[r][v] = sum of GCH products a[k*PW + r] * b[k*PW + v*VW + lane], from zero */
-EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNV]) {
-    for (int r = 0; r < GMR; r++)
+/* one float32 chain: c[r][v] = sum of GCH products a[k*PW + r] * b[k*PW + v*VW + lane], from
+ * zero, for the R (<= GMR) rows of the tile */
+EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNV], const int R) {
+    for (int r = 0; r < R; r++)
         for (int v = 0; v < GNV; v++) c[r][v] = vzero();
 #pragma GCC unroll 16
     for (int k = 0; k < GCH; k++, ak += PW, bk += PW) {
         vf bv[GNV];
         for (int v = 0; v < GNV; v++) bv[v] = vload(bk + v * VW);
-        for (int r = 0; r < GMR; r++) {
+        for (int r = 0; r < R; r++) {
             const vf s = vset1(ak[r]);
             for (int v = 0; v < GNV; v++) c[r][v] = vmac(c[r][v], s, bv[v]);
         }
     }
 }
 
-/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < GMR, c < GNC; kc % GBLK == 0.
+/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < GNC; kc % GBLK == 0.
  * Per GBLK products: two chains of GCH (the first is parked while the second runs), summed in
  * float32, the sum added to the float64 tile: |fl(block) - block| <= gamma_17 sum|a_k b_k|. */
-static inline void gram_tile(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
+EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R) {
     for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
         vf c0[GMR][GNV], c1[GMR][GNV];
-        gram_chain(a + k0 * PW, b + k0 * PW, c0);
-        gram_chain(a + (k0 + GCH) * PW, b + (k0 + GCH) * PW, c1);
-        for (int r = 0; r < GMR; r++)
+        gram_chain(a + k0 * PW, b + k0 * PW, c0, R);
+        gram_chain(a + (k0 + GCH) * PW, b + (k0 + GCH) * PW, c1, R);
+        for (int r = 0; r < R; r++)
             for (int v = 0; v < GNV; v++) vacc_f64(C + r * ldc + v * VW, c0[r][v] + c1[r][v]);
     }
+}
+/* GMR rows, and the PW % GMR rows left at the end of a panel (GMR need not divide PW) */
+static __attribute__((noinline)) void gram_tile(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
+    gram_tile_r(a, b, kc, C, ldc, GMR);
+}
+static __attribute__((noinline)) void gram_tile_rem(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
+    gram_tile_r(a, b, kc, C, ldc, PW % GMR ? PW % GMR : GMR);
 }
 
 /* C[r][c] (float32, ldc) = max(C, max_k |b[k*PW+c] - a[k*PW+r]|) */
@@ -372,7 +387,8 @@ EMB_INLINE void tiles(const int kind, const float *packed, int64_t dp, int64_t r
                     const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
                     for (int s = 0; s < PW; s += mr) {
                         const int64_t off = (rp * PW + s) * ldc + cp * PW + cs;
-                        if (kind == K_GRAM) gram_tile(a + s, b, kc, (double *)C + off, ldc);
+                        if (kind == K_GRAM && s + GMR > PW) gram_tile_rem(a + s, b, kc, (double *)C + off, ldc);
+                        else if (kind == K_GRAM) gram_tile(a + s, b, kc, (double *)C + off, ldc);
                         else if (kind == K_CHEB) cheb_tile(a + s, b, kc, (float *)C + off, ldc);
                         else l1_tile(a + s, b, kc, (double *)C + off, ldc);
                     }
@@ -426,6 +442,9 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
                          const uint8_t *zero_rows, int64_t mode, const double *prm, float *out,
                          int64_t ld) {
     gram_block(packed, dp, r0, nrp, c0, ncp, C);
+#ifdef EMB_GRAM_ONLY
+    return 0;
+#endif
     const int64_t ldc = ncp * PW;
     float *R = (float *)(C + nrp * PW * ldc);   /* scratch holds C (float64) then R (float32) */
     const double c1 = prm[0], c2 = prm[1], c3 = prm[2], inv2tol = prm[3], u = prm[4], c4 = prm[5],

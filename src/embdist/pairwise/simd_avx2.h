@@ -1,12 +1,13 @@
 /* Tier avx2 (x86-64 with AVX2 + FMA: AMD Zen 1-5, Intel Haswell and later desktop chips):
- * the vector interface of kernels.c.  16 registers of 8 float32: gram tiles 4 x 16
- * (8 live accumulators, the first chain of a block parked in L1 by the register allocator),
+ * the vector interface of kernels.c.  16 registers of 8 float32: gram tiles 6 x 16
+ * (12 live accumulators; the first chain of a block parked in L1 by the register allocator;
+ * 6 does not divide the panel: its last 2 rows are a tile of their own),
  * Chebyshev / Manhattan tiles 4 x 16, snapshot tiles 2 x 16. */
 #include <immintrin.h>
 #define EMB_TIER_NAME "avx2"
 #define VW 8
 typedef __m256 vf;
-#define GMR 4
+#define GMR 6
 #define GNV 2
 #define CMR 4
 #define CNV 2
