@@ -117,6 +117,14 @@ EMB_INLINE void vacc_f64(double *p, vf v) {
     }
 }
 
+/* acc + t*t rounded once (the snapshots' square-accumulate, the same bits on every tier):
+ * the FMA instruction where the tier has one, else sqacc_exact */
+#if EMB_HAS_FMA
+EMB_INLINE float sqacc(float acc, float t) { return fmaf(t, t, acc); }
+#else
+EMB_INLINE float sqacc(float acc, float t) { return sqacc_exact(acc, t); }
+#endif
+
 /* ------------------------------------------------------------------ dtype loads
  * dt: 0 float32, 1 bfloat16, 2 float16 (the stored dtype; never a float32 copy of a matrix) */
 static inline float half_to_float(uint16_t h) {
@@ -686,7 +694,7 @@ static void snap_pairs(const float *bp, int64_t V, int64_t D, int64_t Dp, void *
                     float acc = 0.0f;
                     for (int64_t k = k0; k < k0 + FLUSH; k++) {
                         const float tv = b[16 * k] - a[16 * k];
-                        acc = acc + tv * tv;
+                        acc = sqacc(acc, tv);
                         const float av = fabsf(tv);
                         ch = (av > ch || av != av) ? av : ch;
                     }
@@ -827,7 +835,7 @@ static inline __attribute__((always_inline)) void snap_rows8(const float *pa, co
 #pragma GCC unroll 8
                 for (int r = 0; r < 8; r++) {
                     const __m512 tv = _mm512_sub_ps(bv, _mm512_set1_ps(ak[16 * kk + r]));
-                    if (want_e) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(tv, tv));
+                    if (want_e) acc[r] = _mm512_fmadd_ps(tv, tv, acc[r]);
                     ch[r] = _mm512_range_ps(ch[r], tv, 0x0B);      /* max(|ch|, |tv|), sign cleared */
                 }
             }
@@ -962,7 +970,7 @@ EMB_INLINE void snap_rows(const float *pa, const float *pb, int64_t Dp, const in
                     const vf s = vset1(ak[16 * kk + r]);
                     for (int v = 0; v < NV; v++) {
                         const vf tv = bv[v] - s;
-                        if (want_e) acc[r][v] = acc[r][v] + tv * tv;
+                        if (want_e) acc[r][v] = vsqacc(acc[r][v], tv);
                         ch[r][v] = vabsmax(ch[r][v], tv);
                     }
                 }
@@ -982,8 +990,20 @@ EMB_INLINE void snap_rows(const float *pa, const float *pb, int64_t Dp, const in
         }
 }
 
+/* the tile of all 16 rows, one specialisation per (want_e, nsb): registers of its own */
+#define SNAP_TILE(NAME, WE, NSB) \
+    static __attribute__((noinline)) void NAME(const float *pa, const float *pb, int64_t Dp, float *E, float *Cc) { \
+        for (int hh = 0; hh < 16; hh += SNR) snap_rows(pa + hh, pb, Dp, WE, NSB, E + hh * 16, Cc + hh * 16); \
+    }
+SNAP_TILE(snap_tile_c, 0, 0)
+SNAP_TILE(snap_tile_ec, 1, 0)
+SNAP_TILE(snap_tile_ec_sb, 1, 1)
+
 static inline void snap_put_run(void *ob, int odt, int64_t idx, const float *v, int64_t m) {
-    if (odt == 0) memcpy((float *)ob + idx, v, sizeof(float) * (size_t)m);
+    if (odt == 0 && m == 16) {
+        float *o = (float *)ob + idx;
+        for (int q = 0; q < 16; q += VW) vstore(o + q, vload(v + q));
+    } else if (odt == 0) memcpy((float *)ob + idx, v, sizeof(float) * (size_t)m);
     else for (int64_t l = 0; l < m; l++) snap_put(ob, odt, idx + l, v[l]);
 }
 
@@ -992,39 +1012,39 @@ static inline void snap_store_tile(void *ob, int odt, int64_t V, int64_t I, int6
                                    const float *T) {
     for (int64_t r = 0; r < ni; r++) snap_put_run(ob, odt, (I + r) * V + J, T + r * 16, nj);
     if (I != J) {
-        float Tt[256];
-        for (int r = 0; r < 16; r++)
-            for (int c = 0; c < 16; c++) Tt[c * 16 + r] = T[r * 16 + c];
+        float Tt[256] __attribute__((aligned(64)));
+        for (int c = 0; c < 16; c++)
+            for (int r = 0; r < 16; r++) Tt[c * 16 + r] = T[r * 16 + c];
         for (int64_t c = 0; c < nj; c++) snap_put_run(ob, odt, (J + c) * V + I, Tt + c * 16, ni);
     }
 }
 
-EMB_INLINE void snap_one(const float *bp, int64_t V, int64_t D, int64_t Dp, void *oe, void *oc, int mode, int odt,
-                         const int want_e, const int nsb) {
+static void snap_one(const float *bp, int64_t V, int64_t D, int64_t Dp, void *oe, void *oc, int mode, int odt,
+                     const int want_e, const int nsb) {
     float E[256] __attribute__((aligned(64))), Cc[256] __attribute__((aligned(64)));
     for (int64_t J = 0; J < V; J += 16) {
         const int64_t nj = V - J < 16 ? V - J : 16;
         for (int64_t I = 0; I <= J; I += 16) {
             const int64_t ni = V - I < 16 ? V - I : 16;
-            for (int hh = 0; hh < 16; hh += SNR)
-                snap_rows(bp + I * Dp + hh, bp + J * Dp, Dp, want_e, nsb, E + hh * 16, Cc + hh * 16);
+            if (!want_e) snap_tile_c(bp + I * Dp, bp + J * Dp, Dp, E, Cc);
+            else if (!nsb) snap_tile_ec(bp + I * Dp, bp + J * Dp, Dp, E, Cc);
+            else snap_tile_ec_sb(bp + I * Dp, bp + J * Dp, Dp, E, Cc);
             if (I == J)                                        /* exact zero diagonal */
                 for (int r = 0; r < 16; r++) E[r * 17] = Cc[r * 17] = 0.0f;
             if (want_e) {
-                for (int64_t r = 0; r < ni; r++) {
-                    float *er = E + r * 16;
-                    const float *cr = Cc + r * 16;
-                    int any = 0;
-                    for (int l = 0; l < 16; l++) any |= ((er[l] < SNAP_TINY) & (cr[l] > 0.0f)) | (er[l] >= SNAP_BIG);
-                    float pre[16];
-                    if (any) memcpy(pre, er, sizeof pre);
-                    if (mode == 0)
-                        for (int l = 0; l < 16; l++) er[l] = sqrtf(er[l]);
-                    if (any)
-                        for (int64_t l = 0; l < nj; l++)
-                            if (((pre[l] < SNAP_TINY && cr[l] > 0.0f) || pre[l] >= SNAP_BIG) && !(I == J && l == r))
-                                er[l] = snap_settle(bp, Dp, D, I + r, J + l, mode);
-                }
+                int any = 0;
+                for (int l = 0; l < 256; l++) any |= ((E[l] < SNAP_TINY) & (Cc[l] > 0.0f)) | (E[l] >= SNAP_BIG);
+                float pre[256];
+                if (any) memcpy(pre, E, sizeof pre);
+                if (mode == 0)
+                    for (int l = 0; l < 256; l++) E[l] = sqrtf(E[l]);
+                if (any)
+                    for (int64_t r = 0; r < ni; r++)
+                        for (int64_t l = 0; l < nj; l++) {
+                            const float e = pre[r * 16 + l];
+                            if (((e < SNAP_TINY && Cc[r * 16 + l] > 0.0f) || e >= SNAP_BIG) && !(I == J && l == r))
+                                E[r * 16 + l] = snap_settle(bp, Dp, D, I + r, J + l, mode);
+                        }
                 snap_store_tile(oe, odt, V, I, J, ni, nj, E);
             }
             if (oc) snap_store_tile(oc, odt, V, I, J, ni, nj, Cc);

@@ -7,12 +7,19 @@
 #define EMB_TIER_NAME "avx2"
 #define VW 8
 typedef __m256 vf;
+#ifndef GMR
 #define GMR 6
+#endif
+#ifndef GNV
 #define GNV 2
+#endif
 #define CMR 4
 #define CNV 2
 #define SNR 2
 static inline vf vset1(float s) { return _mm256_set1_ps(s); }
 static inline vf vmac(vf acc, vf a, vf b) { return _mm256_fmadd_ps(a, b, acc); }
+#define EMB_HAS_FMA 1
+/* acc + t * t, one rounding (the snapshots' square-accumulate) */
+static inline vf vsqacc(vf acc, vf t) { return _mm256_fmadd_ps(t, t, acc); }
 static inline vf vabs(vf x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
 static inline vf vabsmax(vf m, vf x) { return _mm256_max_ps(m, vabs(x)); }

@@ -15,4 +15,7 @@ static inline vf vset1(float s) { return _mm512_set1_ps(s); }
 static inline vf vmac(vf acc, vf a, vf b) { return _mm512_fmadd_ps(a, b, acc); }
 /* max(m, |x|) for m >= 0 (exact: VRANGEPS max-abs, sign cleared) */
 static inline vf vabsmax(vf m, vf x) { return _mm512_range_ps(m, x, 0x0B); }
+#define EMB_HAS_FMA 1
+/* acc + t * t, one rounding (the snapshots' square-accumulate) */
+static inline vf vsqacc(vf acc, vf t) { return _mm512_fmadd_ps(t, t, acc); }
 static inline vf vabs(vf x) { return _mm512_abs_ps(x); }

@@ -12,5 +12,8 @@ typedef float32x4_t vf;
 #define SNR 2
 static inline vf vset1(float s) { return vdupq_n_f32(s); }
 static inline vf vmac(vf acc, vf a, vf b) { return vfmaq_f32(acc, a, b); }
+#define EMB_HAS_FMA 1
+/* acc + t * t, one rounding (the snapshots' square-accumulate) */
+static inline vf vsqacc(vf acc, vf t) { return vfmaq_f32(acc, t, t); }
 static inline vf vabs(vf x) { return vabsq_f32(x); }
 static inline vf vabsmax(vf m, vf x) { return vmaxq_f32(m, vabsq_f32(x)); }
