@@ -1145,3 +1145,5 @@ void emb_hist_upper(const float *d, int64_t n, int64_t ld, int64_t r0, int64_t r
     st[0] = mn; st[1] = mx; st[2] = sum; st[3] = zeros; st[4] = nans;
 }
 
+
+#include "kernels_stream.c"
