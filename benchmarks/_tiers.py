@@ -35,15 +35,15 @@ def strip_arg(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def run_children(script: str, argv: list[str], tiers: list[str], extra: list[str], blas_like_tier: bool):
-    """Yield (tier, CompletedProcess) for ``script argv extra`` run once per tier."""
+def run_children(script: str, argv: list[str], tiers: list[str], extra, blas_like_tier: bool):
+    """Yield (tier, CompletedProcess) for ``script argv extra(tier)`` run once per tier."""
     for t in tiers:
         env = dict(os.environ, EMBDIST_KERNELS=t)
         if blas_like_tier and t in MKL_ISA:
             env["MKL_ENABLE_INSTRUCTIONS"] = MKL_ISA[t]
         print(f"=== tier {t}" + (f" (MKL limited to {MKL_ISA[t]})" if blas_like_tier and t in MKL_ISA else ""),
               flush=True)
-        p = subprocess.run([sys.executable, script, *argv, *extra], env=env, text=True, capture_output=True)
+        p = subprocess.run([sys.executable, script, *argv, *extra(t)], env=env, text=True, capture_output=True)
         sys.stdout.write(p.stdout)
         if p.returncode != 0:
             sys.stdout.write(p.stderr[-3000:])

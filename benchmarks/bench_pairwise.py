@@ -469,7 +469,8 @@ def main_tiers(a):
     argv = [x for x in argv if x not in ("--blas-like-tier",)] + ["--no-mlflow"]
     per = {}
     with tempfile.TemporaryDirectory() as d:
-        for t, p in _tiers.run_children(__file__, argv, tiers, ["--json-rows", f"{d}/{t}.json"], a.blas_like_tier):
+        for t, p in _tiers.run_children(__file__, argv, tiers, lambda t: ["--json-rows", f"{d}/{t}.json"],
+                                          a.blas_like_tier):
             if p.returncode == 0:
                 with open(f"{d}/{t}.json") as f:
                     per[t] = json.load(f)

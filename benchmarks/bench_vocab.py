@@ -192,7 +192,7 @@ def main() -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         import _tiers
         argv = [x for x in _tiers.strip_arg(sys.argv[1:], "--tiers") if x != "--blas-like-tier"]
-        codes = [p.returncode for _, p in _tiers.run_children(__file__, argv, _tiers.resolve(a.tiers), [],
+        codes = [p.returncode for _, p in _tiers.run_children(__file__, argv, _tiers.resolve(a.tiers), lambda t: [],
                                                               a.blas_like_tier)]
         return max(codes)
     torch.set_num_threads(torch.get_num_threads())
