@@ -7,9 +7,9 @@
  *
  * One kernel design, four tiers (avx512, avx2, neon, portable).
  * Mechanism: GCC/Clang vector extensions plus a handful of per-ISA intrinsics behind one
- * small interface (the simd_<tier>.h headers: the vector type vf of VW float32 lanes, vset1,
- * vmac = multiply-add, vabs, vabsmax = max(m, |x|), and the tile shapes), in the way SimSIMD
- * arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
+ * small interface (the simd_<tier>.h headers, about 20 lines each: the vector type vf of VW
+ * float32 lanes, VSET1, VMAC = multiply-add, VABS, VABSMAX = max(m, |x|), whether the tier has
+ * FMA, and the tile shapes), in the way SimSIMD arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
  * constants, row hashing, packing, column sums, the direct float64 sums, the micro-kernels
  * themselves (written once over vf with the ordinary + - * operators, which GCC and Clang
  * accept on __m512 / __m256 / float32x4_t / vector_size types alike), the block drivers and
@@ -40,8 +40,9 @@
  *           torch's abs(a - b).max() whatever the order, on every tier.
  *  - l1:    float32 |b - a| summed 16 at a time in float32, then in float64.
  *  - direct: float64 sum of float64 squared differences of the stored rows (8 lanes, fixed order).
- *  - snapshots: rounded multiply and rounded add on every tier (no FMA), so all tiers give the
- *           same bits (see the snapshot section).
+ *  - snapshots: the square-accumulate acc + t*t rounded once on every tier (the FMA instruction;
+ *           on portable an exact emulation, simd_portable.h), so all tiers give the same bits
+ *           (see the snapshot section).  Checked by tests/kernels_harness.c on every tier.
  */
 #include <math.h>
 #include <stdint.h>
@@ -92,6 +93,17 @@
 #endif
 
 #define EMB_INLINE static inline __attribute__((always_inline))
+
+/* the vector interface over the tier's macros */
+EMB_INLINE vf vset1(float s) { return VSET1(s); }
+EMB_INLINE vf vmac(vf acc, vf a, vf b) { return VMAC(acc, a, b); }
+EMB_INLINE vf vabs(vf x) { return VABS(x); }
+EMB_INLINE vf vabsmax(vf m, vf x) { return VABSMAX(m, x); }
+#if EMB_HAS_FMA
+EMB_INLINE vf vsqacc(vf acc, vf t) { return VMAC(acc, t, t); }   /* acc + t*t, one rounding */
+#else
+EMB_INLINE vf vsqacc(vf acc, vf t) { return vsqacc_exact(acc, t); }
+#endif
 
 int emb_abi(void) { return EMB_ABI; }
 int emb_has_avx512(void) { return EMB_AVX512; }
@@ -299,20 +311,27 @@ static double memo_sq(memo_t *tab, const void *x, int dt, int64_t d, int64_t n, 
  * a: GMR / CMR consecutive rows of a packed panel, b: GNC / CNC consecutive columns of another,
  * both k-major with stride PW (panels are 64-byte aligned). */
 
+/* The one loop of every engine micro-kernel: for K steps along k (ak, bk advance by PW), load
+ * the NV column vectors bv[v] of bk, broadcast each of the R row values of ak as s, and run
+ * BODY for every (r, v).  UNROLL: the loop's unroll pragma. */
+#define EMB_PRAGMA(x) _Pragma(#x)
+#define TILE_STEPS(UNROLL, K, R, NV, ak, bk, BODY)                                        \
+    EMB_PRAGMA(GCC unroll UNROLL)                                                          \
+    for (int64_t k_ = 0; k_ < (K); k_++, ak += PW, bk += PW) {                             \
+        vf bv[NV];                                                                         \
+        for (int v = 0; v < (NV); v++) bv[v] = vload(bk + v * VW);                         \
+        for (int r = 0; r < (R); r++) {                                                    \
+            const vf s = vset1(ak[r]);                                                     \
+            for (int v = 0; v < (NV); v++) { BODY; }                                       \
+        }                                                                                  \
+    }
+
 /* one float32 chain: c[r][v] = sum of GCH products a[k*PW + r] * b[k*PW + v*VW + lane], from
  * zero, for the R (<= GMR) rows of the tile */
 EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNV], const int R) {
     for (int r = 0; r < R; r++)
         for (int v = 0; v < GNV; v++) c[r][v] = vzero();
-#pragma GCC unroll 16
-    for (int k = 0; k < GCH; k++, ak += PW, bk += PW) {
-        vf bv[GNV];
-        for (int v = 0; v < GNV; v++) bv[v] = vload(bk + v * VW);
-        for (int r = 0; r < R; r++) {
-            const vf s = vset1(ak[r]);
-            for (int v = 0; v < GNV; v++) c[r][v] = vmac(c[r][v], s, bv[v]);
-        }
-    }
+    TILE_STEPS(16, GCH, R, GNV, ak, bk, c[r][v] = vmac(c[r][v], s, bv[v]))
 }
 
 /* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < GNC; kc % GBLK == 0.
@@ -340,15 +359,7 @@ static inline void cheb_tile(const float *a, const float *b, int64_t kc, float *
     vf c[CMR][CNV];
     for (int r = 0; r < CMR; r++)
         for (int v = 0; v < CNV; v++) c[r][v] = vload(C + r * ldc + v * VW);
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; k++, a += PW, b += PW) {
-        vf bv[CNV];
-        for (int v = 0; v < CNV; v++) bv[v] = vload(b + v * VW);
-        for (int r = 0; r < CMR; r++) {
-            const vf s = vset1(a[r]);
-            for (int v = 0; v < CNV; v++) c[r][v] = vabsmax(c[r][v], bv[v] - s);
-        }
-    }
+    TILE_STEPS(4, kc, CMR, CNV, a, b, c[r][v] = vabsmax(c[r][v], bv[v] - s))
     for (int r = 0; r < CMR; r++)
         for (int v = 0; v < CNV; v++) vstore(C + r * ldc + v * VW, c[r][v]);
 }
@@ -360,14 +371,7 @@ static inline void l1_tile(const float *a, const float *b, int64_t kc, double *C
         for (int r = 0; r < CMR; r++)
             for (int v = 0; v < CNV; v++) acc[r][v] = vzero();
         const float *ak = a + k0 * PW, *bk = b + k0 * PW;
-        for (int k = 0; k < FLUSH; k++, ak += PW, bk += PW) {
-            vf bv[CNV];
-            for (int v = 0; v < CNV; v++) bv[v] = vload(bk + v * VW);
-            for (int r = 0; r < CMR; r++) {
-                const vf s = vset1(ak[r]);
-                for (int v = 0; v < CNV; v++) acc[r][v] = acc[r][v] + vabs(bv[v] - s);
-            }
-        }
+        TILE_STEPS(1, FLUSH, CMR, CNV, ak, bk, acc[r][v] = acc[r][v] + vabs(bv[v] - s))
         for (int r = 0; r < CMR; r++)
             for (int v = 0; v < CNV; v++) vacc_f64(C + r * ldc + v * VW, acc[r][v]);
     }
@@ -615,8 +619,10 @@ void emb_l1_block(const float *packed, int64_t dp, int64_t n, double *C, int64_t
  *   gradual underflow): they are 0.  Pairs of distinct rows with d^2 < 2^-90 (float32 squares
  *   may underflow) or d^2 >= 2^126 (may overflow) are settled by a float64 direct sum.
  * Chebyshev: float32 |a - b| max, bit-identical to the seed.
- * The plain-C build (no AVX-512) does the same arithmetic pair by pair (snap_pairs), as does
- * any snapshot holding a NaN or an infinity, where the Chebyshev max keeps NaN like torch. */
+ * Every other tier runs the same arithmetic through snap_rows (the tile over vf) and a plain-C
+ * writer; any snapshot holding a NaN or an infinity goes pair by pair (snap_pairs), where the
+ * Chebyshev max keeps NaN like torch.  The square-accumulate is rounded once everywhere
+ * (sqacc / vsqacc), so all tiers write the same bits. */
 #define SNAP_SB 64     /* fp32 terms per float32 superblock (4 chains of FLUSH) */
 
 static const float SNAP_TINY = 0x1p-90f, SNAP_BIG = 0x1p126f;
@@ -677,7 +683,7 @@ static inline void snap_put(void *ob, int odt, int64_t idx, float v) {
 }
 
 /* pair by pair, the arithmetic of the tiled kernel (same bits); the Chebyshev max keeps a NaN
- * (as torch's max does): used for snapshots with non-finite values, and as the plain-C build */
+ * (as torch's max does): used for snapshots with non-finite values */
 static void snap_pairs(const float *bp, int64_t V, int64_t D, int64_t Dp, void *oe, void *oc, int mode, int odt) {
     for (int64_t i = 0; i < V; i++) {
         const float *a = snap_col(bp, Dp, i);

@@ -1,6 +1,6 @@
 /* Tier portable (any CPU; on x86-64 built for x86-64-v2, i.e. SSE4.2 without FMA): the
- * vector interface of kernels.c with GCC/Clang vector extensions, 4 float32 lanes.
- * No fused multiply-add: vmac is a multiply and an add, each rounded (never the C library's
+ * per-ISA part of kernels.c, in GCC/Clang vector extensions, 4 float32 lanes.
+ * No fused multiply-add: VMAC is a multiply and an add, each rounded (never the C library's
  * software fmaf).  The gram bound holds unchanged (see kernels.c).  16 registers assumed:
  * gram tiles 4 x 8, Chebyshev / Manhattan tiles 4 x 8, snapshot tiles 1 x 16. */
 #define EMB_TIER_NAME "portable"
@@ -13,15 +13,16 @@ typedef int32_t vfi __attribute__((vector_size(16)));
 #define CNV 2
 #define SNR 1
 #define EMB_HAS_FMA 0
-static inline vf vset1(float s) { vf v = {s, s, s, s}; return v; }
-static inline vf vmac(vf acc, vf a, vf b) { vf p = a * b; return acc + p; }
-static inline vf vabs(vf x) { return (vf)((vfi)x & (vfi){0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff}); }
+#define VSET1(s) ((vf){(s), (s), (s), (s)})
+#define VMAC(acc, a, b) ((acc) + (a) * (b))      /* two roundings: -ffp-contract=off */
+#define VABS(x) ((vf)((vfi)(x) & (vfi){0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff}))
 /* max(m, |x|): for m >= 0 and non-NaN x every maximum is the same value */
-static inline vf vabsmax(vf m, vf x) {
-    const vf a = vabs(x);
+static inline vf vabsmax_portable(vf m, vf x) {
+    const vf a = VABS(x);
     const vfi gt = a > m;
     return (vf)(((vfi)a & gt) | ((vfi)m & ~gt));
 }
+#define VABSMAX(m, x) vabsmax_portable(m, x)
 
 /* acc + t * t rounded once to float32, exactly as an FMA would (so snapshots keep the same bits
  * on every tier) without the C library's software fmaf: t * t is exact in float64, the float64
@@ -42,7 +43,7 @@ static inline vf2 sqacc2(vf2 acc, vf2 t) {
     const vu2 step = 1 - (((ue ^ u) >> 63) << 1);
     return __builtin_convertvector((vd2)(u + ((0 - fix) & step)), vf2);
 }
-static inline vf vsqacc(vf acc, vf t) {
+static inline vf vsqacc_exact(vf acc, vf t) {
     vf2 a[2], b[2], r[2];
     memcpy(a, &acc, sizeof acc);
     memcpy(b, &t, sizeof t);
