@@ -15,7 +15,7 @@ from scipy.spatial.distance import cdist
 
 from embdist import pairwise as P
 from embdist.pairwise import _native
-from embdist.pairwise import _stream as S
+from embdist.pairwise import stream as S
 
 TIERS = _native.available_tiers()
 
