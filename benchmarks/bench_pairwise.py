@@ -1,8 +1,15 @@
 #!/usr/bin/env python
 """Benchmark of embdist.pairwise against the alternatives, all in one process on the same data.
 
-    python benchmarks/bench_pairwise.py [--quick] [--no-mlflow] [--device cpu|cuda|all]
+    python benchmarks/bench_pairwise.py [--quick | --issue11] [--lean] [--no-mlflow] [--device cpu|cuda|all]
                                         [--only euclidean|chebyshev|snapshots|memory]
+                                        [--tiers all|avx512,avx2,portable] [--blas-like-tier]
+
+--tiers runs the whole benchmark once per kernel tier (each in its own process with
+EMBDIST_KERNELS=<tier>) and prints every row per tier, with each row's time against the first
+tier's; --blas-like-tier limits MKL (the X@X.T / cdist baselines) to each tier's ISA
+(MKL_ENABLE_INSTRUCTIONS), i.e. what a machine of that tier measures.  --issue11: the sizes of
+issue 11's targets (euclidean 8,192 x 2,560, chebyshev 2,000 x 2,560, snapshots 5,001 x 128 x 64).
 
 Rows (targets from the engine's brief; measured by wall clock on this machine):
   1. Euclidean, 20,373 x 2,560 bf16-valued rows (synthetic, with the Qwen3 dead-token duplicate
@@ -161,6 +168,9 @@ def seed_snapshots(hist, dev, out=None):
 
 
 # ----------------------------------------------------------------------------- rows
+LEAN = [False]    # --lean: the target rows only, baselines timed once
+
+
 def row_euclid(rows, n, d, dev, quick):
     x, zeros_expected = spike_like(n, d)
     xd = x.to(dev)
@@ -177,6 +187,12 @@ def row_euclid(rows, n, d, dev, quick):
     sym = bool(torch.equal(out[idx][:, idx], out[idx][:, idx].T))
     del out
     t_mm, _ = timed(lambda: x32 @ x32.T, dev, keep=False)
+    tag = f"[{dev.type}] euclidean {n}x{d}"
+    if LEAN[0]:
+        rows.append((tag, "vs float32 X@X.T", t_ours, t_mm, t_ours.wall / t_mm.wall, "<= 0.7 (issue 11)",
+                     t_ours.wall <= 0.7 * t_mm.wall))
+        return {"euclid_max_rel_err_sample": rel, "euclid_zero_pairs": st["zero_pairs"],
+                "euclid_zero_pairs_expected": zeros_expected, "euclid_symmetric_sample": sym}
     t_cd, cd = timed(lambda: torch.cdist(x32, x32), dev)
     cd_zeros = int((cd.triu(1) == 0).sum()) - (n * (n + 1) // 2)
     del cd
@@ -204,7 +220,7 @@ def row_cheb(rows, n, d, dev):
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(5))[:48]
     seed = torch.abs(x32[idx].unsqueeze(1) - x32.unsqueeze(0)).max(dim=2)[0].cpu()
     bit = bool(torch.equal(out[idx], seed))
-    t_cd, cd = timed(lambda: torch.cdist(x32, x32, p=float("inf")), dev)
+    t_cd, cd = timed(lambda: torch.cdist(x32, x32, p=float("inf")), dev, repeat=1 if LEAN[0] else None)
     bit_cd = bool(torch.equal(out, cd.cpu()))
     del cd, out
     tag = f"[{dev.type}] chebyshev {n}x{d}"
@@ -230,8 +246,13 @@ def row_snap(rows, t, v, dd, dev):
     t_mo, _ = timed(lambda: P.pairwise_snapshots_multi(h, both, device=str(dev), out=resident), dev, keep=False)
     same_bits = all(torch.equal(resident[m], r) for m, r in zip(both, (e, c)))
     t_so, _ = timed(lambda: seed_snapshots(h, dev, out=(resident["euclidean"], resident["chebyshev"])), dev,
-                    keep=False)
+                    keep=False, repeat=1 if LEAN[0] else None)
     del resident
+    if LEAN[0]:
+        tag = f"[{dev.type}] snapshots {t}x{v}x{dd} (both)"
+        rows.append((tag, "vs seed loop, same outputs", t_mo, t_so, t_so.wall / t_mo.wall, ">= 30x faster",
+                     t_so.wall / t_mo.wall >= 30))
+        return {"snap_out_buffers_same_bits": same_bits}
     t_e, _ = timed(lambda: P.pairwise_snapshots(h, "euclidean", device=str(dev)), dev, keep=False)
     t_c, _ = timed(lambda: P.pairwise_snapshots(h, "chebyshev", device=str(dev)), dev, keep=False)
     t_h, _ = timed(lambda: P.pairwise_snapshots_multi(h, both, out_dtype=torch.float16, device=str(dev)), dev,
@@ -369,9 +390,20 @@ def main():
     ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     ap.add_argument("--only", default="all", choices=["all", "euclidean", "chebyshev", "snapshots", "memory"],
                     help="run one row only")
+    ap.add_argument("--issue11", action="store_true", help="the sizes of issue 11's targets")
+    ap.add_argument("--tiers", help="all, or a comma list of kernel tiers: the benchmark once per tier")
+    ap.add_argument("--blas-like-tier", action="store_true", help="with --tiers: MKL limited to each tier's ISA")
+    ap.add_argument("--lean", action="store_true",
+                    help="the target rows only (no info rows, baselines timed once): a loaded machine")
+    ap.add_argument("--json-rows", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    LEAN[0] = a.lean
+    if a.tiers:
+        return main_tiers(a)
     REPEAT[0] = 1 if a.quick else 2
-    if a.quick:
+    if a.issue11:
+        sizes = dict(en=8192, ed=2560, cn=2000, cd=2560, st=5001, sv=128, sd=64)
+    elif a.quick:
         sizes = dict(en=4096, ed=2560, cn=1000, cd=2560, st=500, sv=128, sd=64)
     else:
         sizes = dict(en=20373, ed=2560, cn=4000, cd=2560, st=5001, sv=128, sd=64)
@@ -384,6 +416,7 @@ def main():
     params = {"quick": a.quick, "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
               "native": _native.load() is not None, "native_error": str(_native.load_error()),
+              "kernels": P.active_kernels(), "mkl_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "auto"),
               "load_avg_start": " ".join(f"{v:.2f}" for v in os.getloadavg()), **sizes}
     if torch.cuda.is_available():
         params["cuda_device"] = torch.cuda.get_device_name(0)
@@ -405,7 +438,11 @@ def main():
         info.update(row_memory(rows, sizes["en"], sizes["ed"]))
     params["load_avg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     text = table(rows)
-    if not a.quick and a.device in ("all", "cpu"):
+    if a.json_rows:
+        with open(a.json_rows, "w") as f:
+            json.dump({"rows": [[tag, comp, _tj(x), _tj(y), r, target, met]
+                                for tag, comp, x, y, r, target, met in rows], "info": info, "params": params}, f)
+    if not a.quick and not a.issue11 and a.device in ("all", "cpu"):
         ours = {r[0] + r[1]: r[2] for r in rows}
         e = ours.get(f"[cpu] euclidean {sizes['en']}x{sizes['ed']}vs float32 X@X.T")
         c = ours.get(f"[cpu] chebyshev {sizes['cn']}x{sizes['cd']}vs torch.cdist(p=inf)")
@@ -431,5 +468,56 @@ def main():
         log_mlflow(text, rows, info, params)
 
 
+def _tj(v):
+    return [v.wall, v.cpu] if isinstance(v, T) else v
+
+
+def _tf(v):
+    return T(*v) if isinstance(v, list) else v
+
+
+def main_tiers(a):
+    """--tiers: one child process per tier; a combined table, each row against the first tier."""
+    import tempfile
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _tiers
+    tiers = _tiers.resolve(a.tiers)
+    argv = _tiers.strip_arg(_tiers.strip_arg(sys.argv[1:], "--tiers"), "--json-rows")
+    argv = [x for x in argv if x not in ("--blas-like-tier",)] + ["--no-mlflow"]
+    per = {}
+    with tempfile.TemporaryDirectory() as d:
+        for t, p in _tiers.run_children(__file__, argv, tiers, lambda t: ["--json-rows", f"{d}/{t}.json"],
+                                          a.blas_like_tier):
+            if p.returncode == 0:
+                with open(f"{d}/{t}.json") as f:
+                    per[t] = json.load(f)
+    if not per:
+        return 1
+    first = next(iter(per))
+    base = {(r[0], r[1]): _tf(r[2]) for r in per[first]["rows"]}
+    rows, info = [], {}
+    for t, res in per.items():
+        for tag, comp, x, y, r, target, met in res["rows"]:
+            rows.append((f"{t:8s} {tag}", comp, _tf(x), _tf(y), r, target, met))
+        info.update({f"{t}_{k}": v for k, v in res["info"].items()})
+    text = table(rows)
+    head = f"{'tier':8s} {'row':40s} {'comparison':26s} {'ours s':>9s} {'vs ' + first + ' s':>13s} {'ratio':>7s}"
+    cross = [head, "-" * len(head)]
+    for t, res in per.items():
+        for tag, comp, x, *_ in res["rows"]:
+            b = base.get((tag, comp))
+            if isinstance(x, list) and isinstance(b, T) and b.wall > 0 and not comp.startswith("GiB"):
+                cross.append(f"{t:8s} {tag:40s} {comp:26s} {x[0]:9.3f} {b.wall:13.3f} {x[0] / b.wall:7.2f}")
+    text += "\n\nper tier against the " + first + " tier (same invocation):\n" + "\n".join(cross)
+    text += "\n\nchecks: " + ", ".join(f"{k}={v}" for k, v in info.items())
+    print()
+    print(text)
+    if not a.no_mlflow:
+        params = dict(per[first]["params"], tiers=",".join(per), blas_like_tier=a.blas_like_tier)
+        params.pop("kernels", None)
+        log_mlflow(text, rows, info, params)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,10 @@
 """Benchmark of the whole-vocabulary streaming path (task=vocab's engine calls), one process.
 
     python benchmarks/bench_vocab.py [--n 40000] [--d 2560] [--repeat 3] [--full] [--matrix FILE]
+                                     [--tiers all|avx512,avx2,portable] [--blas-like-tier] [--peer-n 2000]
+
+--tiers: the benchmark once per kernel tier, each in its own process (EMBDIST_KERNELS=<tier>);
+--blas-like-tier: the matmul rate measured with MKL limited to the tier's ISA.
 
 Rows (targets from issue 4):
   1. N = 40,000 x 2,560 synthetic bf16 rows with the Qwen3-4B dead-token structure planted
@@ -16,6 +20,11 @@ Rows (targets from issue 4):
      baseline included) against 2 x (N d 4 bytes) + 0.5 GB.  Medians of --repeat runs.
   2. --full: N = 151,936 x 2,560 (Qwen3-4B's shape; synthetic, or --matrix a real
      .safetensors file / checkpoint folder): the measured time of one run, and its ratio.
+
+  3. Peer row, for information: faiss-cpu's exact IndexFlat with METRIC_Linf, k=10 neighbours of
+     every row (a search of all rows against all), against task=vocab's Chebyshev pass (stream +
+     finalize, k=10) on the same --peer-n rows (skipped with a note when faiss is not installed:
+     pip install 'embdist[bench]').
 
 The planted groups are checked (sizes and the 651,034 zero pairs) so a fast wrong answer
 cannot pass.
@@ -45,6 +54,11 @@ from embdist.pairwise import stream as _stream
 DEAD_GROUPS = [814, 704, 306, 228, 11, 10, 6, 5, 4, 4, 3, 3, 2]   # Qwen3-4B (REFERENCE.md)
 DEAD_UNIQUE = 121
 QWEN_ROWS = 151_936
+
+
+def pairwise_kernels() -> str:
+    from embdist.pairwise import active_kernels
+    return active_kernels()
 
 
 def planted(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -134,6 +148,33 @@ def row(label, n, d, times, rate, rss_mb):
     return t / full, rss_mb <= budget
 
 
+def peer_row(n: int, d: int) -> None:
+    """faiss IndexFlat(METRIC_Linf) k=10 over all rows vs the vocab Chebyshev pass, same matrix."""
+    try:
+        import faiss
+    except ImportError:
+        print(f"{'peer: faiss IndexFlat L-inf k=10':<34} skipped: faiss-cpu is not installed (pip install 'embdist[bench]')")
+        return
+    x = planted(n, d)
+    t = time.perf_counter()
+    res = _stream.finalize(x, _stream.stream_pass(x, "chebyshev", k=10, bins=4096))
+    t_ours = time.perf_counter() - t
+    xf = np.ascontiguousarray(x.float().numpy())
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    t = time.perf_counter()
+    index = faiss.IndexFlat(d, faiss.METRIC_Linf)
+    index.add(xf)
+    dist, _ = index.search(xf, 11)          # itself (or a duplicate) first
+    t_faiss = time.perf_counter() - t
+    # the 10th neighbour's distance of each row outside its own duplicate group, both ways
+    ours_k = res.knn_dist[:, 9]
+    agree = float(np.mean(np.isclose(np.sort(dist, axis=1)[:, -1], ours_k, rtol=0, atol=0) |
+                          (dist[:, 1:] == 0).any(axis=1)))
+    print(f"{'peer: faiss IndexFlat L-inf k=10':<34} {n:>8,} x {d:,}  task=vocab chebyshev {t_ours:7.1f} s  "
+          f"faiss {t_faiss:7.1f} s  faiss / ours {t_faiss / t_ours:5.2f}  (10th-neighbour distance equal or "
+          f"faiss row has duplicates: {agree:.3f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=40_000)
@@ -142,11 +183,23 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help=f"also N = {QWEN_ROWS:,} (one run)")
     ap.add_argument("--only-full", action="store_true", help="skip the 40,000-row row")
     ap.add_argument("--matrix", help="--full on a real matrix: a .safetensors file or checkpoint folder")
+    ap.add_argument("--tiers", help="all, or a comma list of kernel tiers: the benchmark once per tier")
+    ap.add_argument("--blas-like-tier", action="store_true", help="with --tiers: MKL limited to each tier's ISA")
+    ap.add_argument("--peer-n", type=int, default=2_000,
+                    help="rows of the faiss peer row (0: skip it; faiss L-inf takes ~140 s at 2,000 x 2,560 here)")
     a = ap.parse_args()
+    if a.tiers:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import _tiers
+        argv = [x for x in _tiers.strip_arg(sys.argv[1:], "--tiers") if x != "--blas-like-tier"]
+        codes = [p.returncode for _, p in _tiers.run_children(__file__, argv, _tiers.resolve(a.tiers), lambda t: [],
+                                                              a.blas_like_tier)]
+        return max(codes)
     torch.set_num_threads(torch.get_num_threads())
     print(f"# bench_vocab: {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+          f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; "
+          f"kernels {pairwise_kernels()}, MKL ISA {os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'auto')}")
     _stream._bindings._lib()   # build the kernels outside the timings
     ok = True
     if not a.only_full:
@@ -167,6 +220,8 @@ def main() -> int:
         ratio, mem_ok = row("planted bf16, Euclidean, k=10", a.n, a.d, times, rate, max(rss))
         ok = ok and ratio <= 1.2 and mem_ok
         del x
+    if a.peer_n > 0:
+        peer_row(a.peer_n, a.d)
     if a.full or a.only_full:
         if a.matrix:
             from embdist import sources

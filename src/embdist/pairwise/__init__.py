@@ -109,8 +109,8 @@ CPU (default when the native kernels build): ``kernels.c`` driven from Python th
   <= 12u ~ 7.2e-7 on d after the float32 sqrt.  Identical rows are those whose Chebyshev
   value of the same pass is 0 (fl(a - b) = 0 iff a == b under gradual underflow); pairs of
   distinct rows with d^2 < 2**-90 (squares may underflow) or d^2 >= 2**126 (may overflow)
-  are settled by a float64 sum.  Chebyshev: float32 |a-b| max.  The plain-C build does the
-  same arithmetic (bit-identical results).  Float16/bfloat16 outputs are rounded in the
+  are settled by a float64 sum.  Chebyshev: float32 |a-b| max.  Every kernel tier does the
+  same arithmetic (bit-identical results: the square-accumulate is rounded once everywhere).  Float16/bfloat16 outputs are rounded in the
   kernel.  Measured at 5,001 x 128 x 64, both metrics, float32 output, 2 cores: 0.04 s of
   kernel time (0.08 s on one core); the first touch of the fresh 656 MB output costs
   0.14-0.35 s more on this project's VMs (the same for any writer; float16 halves it).
@@ -122,10 +122,11 @@ register-tiled AVX-512 loop (a simple numba kernel is ~15x slower, REFERENCE.md)
 proven Euclidean bound needs a GEMM whose accumulation we control, at least as fast as
 MKL.  numba cannot express VRANGEPS or guarantee the register tiling; a build-time
 extension would need a setuptools build backend and a compiler at install time anyway.
-So ``_native.py`` compiles ``kernels.c`` with the system compiler (gcc/cc/clang,
-``-O3 -march=native -ffp-contract=off``, no fast-math) into a per-user cache keyed by
-source, compiler, flags and CPU flags, atomically, on first use (~2 s).  Without
-AVX-512 the same source compiles plain-C kernels with the same arithmetic (same bound).
+So ``_native.py`` compiles ``kernels.c`` with the system compiler (gcc/cc/clang, the tier's
+ISA flags, ``-O3 -ffp-contract=off``, no fast-math) into a per-user cache keyed by source,
+compiler, flags and CPU flags, atomically, on first use (~2-5 s), one library per tier:
+avx512, avx2 (AVX2 + FMA), neon (ARM64) and portable (x86-64-v2 / any CPU) share one kernel
+design (see kernels.c: the per-ISA part is a ~20-line header per tier) and the same bound.
 If no compiler exists or the build fails, a warning is logged and the generic path runs.
 
 Generic path (``_generic.py``; CUDA, MPS, and CPU fallback): pure torch ops on the device,
@@ -139,9 +140,16 @@ cdist(p=inf) for Chebyshev and for the identical-row test, a batched float64 GEM
 bound and direct recomputation for Euclidean; MPS, Manhattan, cosine and chunks holding NaN or
 inf take direct differences of sub-chunks of at most 96 MB.
 
-Environment: EMBDIST_PAIRWISE_BACKEND=auto|native|generic (CPU path choice),
+Kernel tiers (``_native.py``): avx512, avx2 (AVX2 + FMA), neon (ARM64), portable, or torch
+(no native library); the best one the CPU runs is picked at load time.
+``use_kernels(name) -> str`` forces one (auto|avx512|avx2|neon|portable|torch; InputError if the
+CPU lacks it) and returns the tier in use; ``active_kernels() -> str`` says which tier runs.
+
+Environment: EMBDIST_KERNELS=auto|avx512|avx2|neon|portable|torch (tier, as use_kernels),
+EMBDIST_PAIRWISE_BACKEND=auto|native|generic (CPU path choice),
 EMBDIST_PAIRWISE_NATIVE=0 (never build), EMBDIST_PAIRWISE_THREADS (default
-torch.get_num_threads()), EMBDIST_CACHE_DIR, EMBDIST_PAIRWISE_MARCH (default native), CC,
+torch.get_num_threads()), EMBDIST_CACHE_DIR, EMBDIST_PAIRWISE_MARCH (with auto: one build
+for that -march, the compiler's target decides the tier), CC,
 EMBDIST_SNAPSHOT_THP=1 (snapshot outputs on transparent huge pages, see ``_snap_empty``).
 """
 from __future__ import annotations
@@ -154,10 +162,11 @@ from . import _common as C
 from ._common import native_lib as _native_lib, progress_bar as _bar
 from . import _generic
 from . import _native  # noqa: F401  (embdist.pairwise._native: the kernels' build)
+from ._native import active_kernels, use_kernels
 from ._stats import snapshot_step_stats, upper_triangle_stats
 
 __all__ = ["pairwise", "pairwise_snapshots", "pairwise_snapshots_multi", "upper_triangle_stats",
-           "snapshot_step_stats", "output_nbytes", "METRICS"]
+           "snapshot_step_stats", "output_nbytes", "METRICS", "use_kernels", "active_kernels"]
 
 METRICS = C.METRICS
 

@@ -1,76 +1,211 @@
 /* Native CPU kernels of embdist.pairwise (see the package docstring for the design).
  *
- * Built at first use by _native.py:  cc -O3 -march=native -ffp-contract=off -fno-fast-math
+ * Built at first use by _native.py, once per tier, each tier its own cached library:
+ *   cc -O3 <tier flags> -DEMB_TIER=<n> -ffp-contract=off -fno-fast-math
  * No OpenMP: the Python side runs work items on a few threads (ctypes releases the GIL),
  * so interrupting and progress stay in Python and no second OpenMP runtime is loaded.
  *
- * Arithmetic contract used by the error analysis in __init__.py:
- *  - gram:  per 32 products two fp32 chains of 16 FMAs from zero, added in fp32, then added
- *           to a float64 accumulator.  |fl(G) - G| <= gamma_17 sum|a_k b_k| + O(2^-53).
- *  - cheb:  max of |b - a| computed as fp32 subtract + exact abs-max (VRANGEPS / fmaxf),
- *           bit-identical to torch's abs(a - b).max() whatever the order.
- *  - l1:    fp32 |b - a| summed 16 at a time in fp32, then in float64.
- *  - direct: float64 sum of float64 squared differences of the original rows.
+ * One kernel design, four tiers (avx512, avx2, neon, portable).
+ * Mechanism: GCC/Clang vector extensions plus a handful of per-ISA intrinsics behind one
+ * small interface (the simd_<tier>.h headers, about 20 lines each: the vector type vf of VW
+ * float32 lanes, VSET1, VMAC = multiply-add, VABS, VABSMAX = max(m, |x|), whether the tier has
+ * FMA, and the tile shapes), in the way SimSIMD arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
+ * constants, row hashing, packing, column sums, the direct float64 sums, the micro-kernels
+ * themselves (written once over vf with the ordinary + - * operators, which GCC and Clang
+ * accept on __m512 / __m256 / float32x4_t / vector_size types alike), the block drivers and
+ * the epilogues -- exists once, in this file and kernels_stream.c.  Why this and not:
+ *  - Google Highway: C++ (the engine is built at first use by whatever C compiler the machine
+ *    has; a C++ toolchain and libhwy-dev are one more thing to be missing on a laptop or a
+ *    cluster node), and its dynamic dispatch is what _native.py already does per tier, with
+ *    the tier a recorded, forcible choice (EMBDIST_KERNELS) instead of a hidden one;
+ *  - vector extensions alone: they have no fused multiply-add and no cheap max-abs
+ *    (VRANGEPS, vabsq), and the exactness contract names the exact operation sequence, so the
+ *    four operations whose instruction matters are spelled per ISA, in one place;
+ *  - intrinsics everywhere: four copies of every kernel, which is what this file replaced.
+ * The AVX-512 tier keeps a few hand-vectorised epilogues (masked stores, 16x16 register
+ * transposes in the snapshot writer); every other tier runs the generic ones.
+ *
+ * Arithmetic contract (identical on every tier unless said otherwise):
+ *  - gram:  per GBLK = 32 products two float32 chains of 16 multiply-adds from zero (k0..k0+15
+ *           and k0+16..k0+31), added in float32, then added to a float64 accumulator.  A chain
+ *           errs by <= gamma_16 sum|a_k b_k| whether a step is one fused multiply-add (avx512,
+ *           avx2, neon: 16 roundings per term at most) or a rounded multiply and a rounded add
+ *           (portable: the product's rounding plus at most 15 additions, the first addition to
+ *           0 being exact), so |fl(G) - G| <= gamma_17 sum|a_k b_k| + O(2^-53) on every tier;
+ *           underflow: one multiplication (or FMA) per product may err by 2^-150 absolutely,
+ *           additions of subnormals are exact, which c3 = dp 2^-148 covers.  The values differ
+ *           in the last bits between tiers; the proven bound and the recomputation rule are
+ *           the same, so every tier meets the Euclidean contract.
+ *  - cheb:  max of |b - a| computed as float32 subtract + exact abs-max, bit-identical to
+ *           torch's abs(a - b).max() whatever the order, on every tier.
+ *  - l1:    float32 |b - a| summed 16 at a time in float32, then in float64.
+ *  - direct: float64 sum of float64 squared differences of the stored rows (8 lanes, fixed order).
+ *  - snapshots: the square-accumulate acc + t*t rounded once on every tier (the FMA instruction;
+ *           on portable an exact emulation, simd_portable.h), so all tiers give the same bits
+ *           (see the snapshot section).  Checked by tests/kernels_harness.c on every tier.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define EMB_ABI 8
-#define PW 32      /* panel width: rows per packed panel (and columns per micro-tile) */
-#define MR 8       /* rows per micro-tile */
+#define EMB_ABI 9
+#define PW 32      /* panel width: rows per packed panel (and columns per panel tile) */
 #define FLUSH 16   /* fp32 terms per float64 flush in the l1 / snapshot kernels */
-#define GBLK 32    /* gram: products per float64 flush, as two 16-FMA chains (bound: gamma_17) */
-#define GMR 4      /* gram: rows per micro-tile */
+#define GBLK 32    /* gram: products per float64 flush, as two 16-term chains (bound: gamma_17) */
+#define GCH 16     /* gram: multiply-adds per float32 chain */
 
+/* ------------------------------------------------------------------ tier selection */
+#define EMB_T_PORTABLE 0
+#define EMB_T_AVX2 1
+#define EMB_T_AVX512 2
+#define EMB_T_NEON 3
+#ifndef EMB_TIER
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define EMB_TIER EMB_T_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define EMB_TIER EMB_T_AVX2
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define EMB_TIER EMB_T_NEON
+#else
+#define EMB_TIER EMB_T_PORTABLE
+#endif
+#endif
+
+#if EMB_TIER == EMB_T_AVX512
 #define EMB_AVX512 1
-#include <immintrin.h>
+#include "simd_avx512.h"
+#elif EMB_TIER == EMB_T_AVX2
+#define EMB_AVX512 0
+#include "simd_avx2.h"
+#elif EMB_TIER == EMB_T_NEON
+#define EMB_AVX512 0
+#include "simd_neon.h"
 #else
 #define EMB_AVX512 0
+#include "simd_portable.h"
+#endif
+
+#define GNC (GNV * VW)   /* gram: columns per tile */
+#define CNC (CNV * VW)   /* chebyshev / manhattan: columns per tile */
+#if PW % GNC || PW % CMR || PW % CNC || 16 % VW || 16 % SNR
+#error "tile shapes must divide the panel width"
+#endif
+
+#define EMB_INLINE static inline __attribute__((always_inline))
+
+/* the vector interface over the tier's macros */
+EMB_INLINE vf vset1(float s) { return VSET1(s); }
+EMB_INLINE vf vmac(vf acc, vf a, vf b) { return VMAC(acc, a, b); }
+EMB_INLINE vf vabs(vf x) { return VABS(x); }
+EMB_INLINE vf vabsmax(vf m, vf x) { return VABSMAX(m, x); }
+#if EMB_HAS_FMA
+EMB_INLINE vf vsqacc(vf acc, vf t) { return VMAC(acc, t, t); }   /* acc + t*t, one rounding */
+#else
+EMB_INLINE vf vsqacc(vf acc, vf t) { return vsqacc_exact(acc, t); }
 #endif
 
 int emb_abi(void) { return EMB_ABI; }
 int emb_has_avx512(void) { return EMB_AVX512; }
+const char *emb_tier(void) { return EMB_TIER_NAME; }
 
-/* ------------------------------------------------------------------ row hashing */
+/* ------------------------------------------------------------------ generic vector helpers */
+typedef double vd __attribute__((vector_size(VW * 8)));   /* VW float64 lanes */
+EMB_INLINE vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+EMB_INLINE void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+EMB_INLINE vf vzero(void) { return vset1(0.0f); }
+/* p[0..VW) += (double)v (float64 accumulation of a float32 partial), in two halves of the
+ * register width (one float64 vector each: no wider-than-register temporaries) */
+typedef float vfh __attribute__((vector_size(VW * 2)));   /* VW/2 float32 lanes */
+typedef double vdh __attribute__((vector_size(VW * 4)));  /* VW/2 float64 lanes: one register */
+EMB_INLINE void vacc_f64(double *p, vf v) {
+    vfh h[2];
+    memcpy(h, &v, sizeof v);
+    for (int q = 0; q < 2; q++) {
+        vdh c;
+        memcpy(&c, p + q * (VW / 2), sizeof c);
+        c += __builtin_convertvector(h[q], vdh);
+        memcpy(p + q * (VW / 2), &c, sizeof c);
+    }
+}
+
+/* acc + t*t rounded once (the snapshots' square-accumulate, the same bits on every tier):
+ * the FMA instruction where the tier has one, else sqacc_exact */
+#if EMB_HAS_FMA
+EMB_INLINE float sqacc(float acc, float t) { return fmaf(t, t, acc); }
+#else
+EMB_INLINE float sqacc(float acc, float t) { return sqacc_exact(acc, t); }
+#endif
+
+/* ------------------------------------------------------------------ dtype loads
+ * dt: 0 float32, 1 bfloat16, 2 float16 (the stored dtype; never a float32 copy of a matrix) */
+static inline float half_to_float(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, b;
+    if (e == 0) {
+        if (m == 0) b = s;
+        else {                         /* subnormal: normalise */
+            int sh = 0;
+            while (!(m & 0x400u)) { m <<= 1; sh++; }
+            m &= 0x3FFu;
+            b = s | ((uint32_t)(127 - 15 + 1 - sh) << 23) | (m << 13);
+        }
+    } else if (e == 31) b = s | 0x7F800000u | (m << 13);
+    else b = s | ((e + 127 - 15) << 23) | (m << 13);
+    float f; memcpy(&f, &b, 4); return f;
+}
+
+EMB_INLINE float ld_f32(const void *x, const int dt, int64_t idx) {
+    if (dt == 0) return ((const float *)x)[idx];
+    const uint16_t h = ((const uint16_t *)x)[idx];
+    if (dt == 1) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+    return half_to_float(h);
+}
+
+/* f(dt) with dt a compile-time constant in each branch (so loads vectorise) */
+#define DT_DISPATCH(dt, CALL) \
+    do { if ((dt) == 0) { const int DT = 0; CALL; } else if ((dt) == 1) { const int DT = 1; CALL; } \
+         else { const int DT = 2; CALL; } } while (0)
+
+/* ------------------------------------------------------------------ row hashing
+ * A hash of the canonical bits of the stored values (-0.0 == 0.0); equal hashes are verified
+ * elementwise by the callers, so only speed depends on it. */
 static inline uint64_t mix64(uint64_t z) {
     z ^= z >> 33; z *= 0xff51afd7ed558ccdULL;
     z ^= z >> 33; z *= 0xc4ceb9fe1a85ec53ULL;
     z ^= z >> 33; return z;
 }
-static inline uint64_t canon_bits(float f) {
-    uint32_t b; memcpy(&b, &f, 4);
-    if ((b & 0x7fffffffu) == 0) b = 0;          /* -0.0 == 0.0 */
-    return b;
-}
 static inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
-void emb_row_hash(const float *x, int64_t n, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
-    (void)n;
+EMB_INLINE void row_hash_t(const void *x, const int dt, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
     const uint64_t P = 0x9E3779B97F4A7C15ULL;
     for (int64_t i = r0; i < r1; i++) {
-        const float *row = x + i * d;
-        uint64_t h0 = 0x243F6A8885A308D3ULL, h1 = 0x13198A2E03707344ULL,
-                 h2 = 0xA4093822299F31D0ULL, h3 = 0x082EFA98EC4E6C89ULL;
-        int64_t k = 0;
-        for (; k + 4 <= d; k += 4) {
-            h0 = rotl((h0 ^ canon_bits(row[k])) * P, 29);
-            h1 = rotl((h1 ^ canon_bits(row[k + 1])) * P, 29);
-            h2 = rotl((h2 ^ canon_bits(row[k + 2])) * P, 29);
-            h3 = rotl((h3 ^ canon_bits(row[k + 3])) * P, 29);
+        uint64_t h0 = 0x243F6A8885A308D3ULL, h1 = 0x13198A2E03707344ULL;
+        for (int64_t k = 0; k < d; k++) {
+            uint64_t b;
+            if (dt == 0) { uint32_t u; memcpy(&u, (const float *)x + i * d + k, 4); b = (u & 0x7fffffffu) ? u : 0; }
+            else { uint16_t u = ((const uint16_t *)x)[i * d + k]; b = (u & 0x7fffu) ? u : 0; }
+            if (k & 1) h1 = rotl((h1 ^ b) * P, 29); else h0 = rotl((h0 ^ b) * P, 29);
         }
-        for (; k < d; k++) h0 = rotl((h0 ^ canon_bits(row[k])) * P, 29);
-        out[i] = mix64(h0 ^ rotl(h1, 17) ^ rotl(h2, 31) ^ rotl(h3, 47) ^ (uint64_t)d);
+        out[i] = mix64(h0 ^ rotl(h1, 31) ^ (uint64_t)d);
     }
 }
 
-/* ------------------------------------------------------------------ centring helpers */
-void emb_col_sums(const float *x, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
+void emb_stream_row_hash(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
     (void)n;
-    for (int64_t i = r0; i < r1; i++)
-        for (int64_t k = 0; k < d; k++) acc[k] += (double)x[i * d + k];
+    if (dt == 0) row_hash_t(x, 0, d, r0, r1, out); else row_hash_t(x, 1, d, r0, r1, out);
+}
+void emb_row_hash(const float *x, int64_t n, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
+    emb_stream_row_hash(x, 0, n, d, r0, r1, out);
+}
+
+/* ------------------------------------------------------------------ centring helpers */
+void emb_stream_col_sums(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
+    (void)n;
+    DT_DISPATCH(dt, for (int64_t i = r0; i < r1; i++)
+                        for (int64_t k = 0; k < d; k++) acc[k] += (double)ld_f32(x, DT, i * d + k));
+}
+void emb_col_sums(const float *x, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
+    emb_stream_col_sums(x, 0, n, d, r0, r1, acc);
 }
 
 double emb_centred_absmax(const float *x, int64_t n, int64_t d, const float *mu, int64_t r0, int64_t r1) {
@@ -86,20 +221,18 @@ double emb_centred_absmax(const float *x, int64_t n, int64_t d, const float *mu,
 
 /* ------------------------------------------------------------------ packing
  * Panel p holds rows p*PW .. p*PW+PW-1 as packed[p*dp*PW + k*PW + j] (k < dp, zero padded),
- * value fl(fl(x - mu) * scale) (mu may be NULL, scale a power of two).  norms[i] = float64
- * sum of squares of the packed row (exact values of what the GEMM sees). */
-void emb_pack_panels(const float *x, int64_t n, int64_t d, int64_t dp, const float *mu, double scale,
-                     float *packed, int64_t p0, int64_t p1, double *norms) {
-    const float s = (float)scale;
+ * value fl(fl(x - mu) * scale) (mu may be NULL, scale a power of two), x read in its stored
+ * dtype.  norms[i] = float64 sum of squares of the packed row (exact values of what the GEMM sees). */
+EMB_INLINE void pack_t(const void *x, const int dt, int64_t n, int64_t d, int64_t dp, const float *mu, float s,
+                       float *packed, int64_t p0, int64_t p1, double *norms) {
     for (int64_t p = p0; p < p1; p++) {
         float *dst = packed + p * dp * PW;
         for (int64_t j = 0; j < PW; j++) {
             int64_t i = p * PW + j;
             double acc = 0.0;
             if (i < n) {
-                const float *row = x + i * d;
                 for (int64_t k = 0; k < d; k++) {
-                    float v = row[k];
+                    float v = ld_f32(x, dt, i * d + k);
                     if (mu) v = v - mu[k];
                     v = v * s;
                     dst[k * PW + j] = v;
@@ -113,193 +246,182 @@ void emb_pack_panels(const float *x, int64_t n, int64_t d, int64_t dp, const flo
         }
     }
 }
-
-/* ------------------------------------------------------------------ micro-kernels */
-#if EMB_AVX512
-/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < GMR, c < 32; kc % GBLK == 0.
- * Per block of GBLK = 32 products, each output has two float32 chains (even / odd k), each
- * taking exactly 16 fused multiply-adds from zero; the two are added in float32 (one more
- * rounding: gamma_16 + u(1 + gamma_16) <= gamma_17) and the sum is added to the float64 tile.
- * This is what the error bound counts: |fl(block) - block| <= gamma_17 sum|a_k b_k|. */
-static inline void gram_4x32(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
-        __m512 c[2][GMR][2];
-#pragma GCC unroll 2
-        for (int z = 0; z < 2; z++)
-#pragma GCC unroll 4
-            for (int r = 0; r < GMR; r++) c[z][r][0] = c[z][r][1] = _mm512_setzero_ps();
-        const float *ak = a + k0 * PW, *bk = b + k0 * PW;
-#pragma GCC unroll 2
-        for (int k = 0; k < GBLK; k += 2, ak += 2 * PW, bk += 2 * PW) {
-#pragma GCC unroll 2
-            for (int z = 0; z < 2; z++) {
-                const __m512 b0 = _mm512_load_ps(bk + z * PW), b1 = _mm512_load_ps(bk + z * PW + 16);
-#pragma GCC unroll 4
-                for (int r = 0; r < GMR; r++) {
-                    const __m512 v = _mm512_set1_ps(ak[z * PW + r]);
-                    c[z][r][0] = _mm512_fmadd_ps(v, b0, c[z][r][0]);
-                    c[z][r][1] = _mm512_fmadd_ps(v, b1, c[z][r][1]);
-                }
-            }
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < GMR; r++)
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; h++) {
-                double *cp = C + r * ldc + h * 16;
-                const __m512 sum = _mm512_add_ps(c[0][r][h], c[1][r][h]);
-                _mm512_storeu_pd(cp, _mm512_add_pd(_mm512_loadu_pd(cp),
-                                                   _mm512_cvtps_pd(_mm512_castps512_ps256(sum))));
-                _mm512_storeu_pd(cp + 8, _mm512_add_pd(_mm512_loadu_pd(cp + 8),
-                                                       _mm512_cvtps_pd(_mm512_extractf32x8_ps(sum, 1))));
-            }
-    }
+void emb_stream_pack(const void *x, int64_t dt, int64_t n, int64_t d, int64_t dp, const float *mu, double scale,
+                     float *packed, int64_t p0, int64_t p1, double *norms) {
+    DT_DISPATCH(dt, pack_t(x, DT, n, d, dp, mu, (float)scale, packed, p0, p1, norms));
+}
+void emb_pack_panels(const float *x, int64_t n, int64_t d, int64_t dp, const float *mu, double scale,
+                     float *packed, int64_t p0, int64_t p1, double *norms) {
+    emb_stream_pack(x, 0, n, d, dp, mu, scale, packed, p0, p1, norms);
 }
 
-/* C[r][c] (float32, ldc) = max(C, max_k |b[k*PW+c] - a[k*PW+r]|) */
-static inline void cheb_8x32(const float *a, const float *b, int64_t kc, float *C, int64_t ldc) {
-    __m512 c00 = _mm512_loadu_ps(C), c01 = _mm512_loadu_ps(C + 16);
-    __m512 c10 = _mm512_loadu_ps(C + ldc), c11 = _mm512_loadu_ps(C + ldc + 16);
-    __m512 c20 = _mm512_loadu_ps(C + 2 * ldc), c21 = _mm512_loadu_ps(C + 2 * ldc + 16);
-    __m512 c30 = _mm512_loadu_ps(C + 3 * ldc), c31 = _mm512_loadu_ps(C + 3 * ldc + 16);
-    __m512 c40 = _mm512_loadu_ps(C + 4 * ldc), c41 = _mm512_loadu_ps(C + 4 * ldc + 16);
-    __m512 c50 = _mm512_loadu_ps(C + 5 * ldc), c51 = _mm512_loadu_ps(C + 5 * ldc + 16);
-    __m512 c60 = _mm512_loadu_ps(C + 6 * ldc), c61 = _mm512_loadu_ps(C + 6 * ldc + 16);
-    __m512 c70 = _mm512_loadu_ps(C + 7 * ldc), c71 = _mm512_loadu_ps(C + 7 * ldc + 16);
-    const float *ak = a, *bk = b;
-#define AM(acc, x) acc = _mm512_range_ps(acc, x, 0x0B) /* max(|acc|, |x|), sign cleared */
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; k++, ak += PW, bk += PW) {
-        __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
-        __m512 v;
-        v = _mm512_set1_ps(ak[0]); AM(c00, _mm512_sub_ps(b0, v)); AM(c01, _mm512_sub_ps(b1, v));
-        v = _mm512_set1_ps(ak[1]); AM(c10, _mm512_sub_ps(b0, v)); AM(c11, _mm512_sub_ps(b1, v));
-        v = _mm512_set1_ps(ak[2]); AM(c20, _mm512_sub_ps(b0, v)); AM(c21, _mm512_sub_ps(b1, v));
-        v = _mm512_set1_ps(ak[3]); AM(c30, _mm512_sub_ps(b0, v)); AM(c31, _mm512_sub_ps(b1, v));
-        v = _mm512_set1_ps(ak[4]); AM(c40, _mm512_sub_ps(b0, v)); AM(c41, _mm512_sub_ps(b1, v));
-        v = _mm512_set1_ps(ak[5]); AM(c50, _mm512_sub_ps(b0, v)); AM(c51, _mm512_sub_ps(b1, v));
-        v = _mm512_set1_ps(ak[6]); AM(c60, _mm512_sub_ps(b0, v)); AM(c61, _mm512_sub_ps(b1, v));
-        v = _mm512_set1_ps(ak[7]); AM(c70, _mm512_sub_ps(b0, v)); AM(c71, _mm512_sub_ps(b1, v));
-    }
-#undef AM
-    _mm512_storeu_ps(C, c00); _mm512_storeu_ps(C + 16, c01);
-    _mm512_storeu_ps(C + ldc, c10); _mm512_storeu_ps(C + ldc + 16, c11);
-    _mm512_storeu_ps(C + 2 * ldc, c20); _mm512_storeu_ps(C + 2 * ldc + 16, c21);
-    _mm512_storeu_ps(C + 3 * ldc, c30); _mm512_storeu_ps(C + 3 * ldc + 16, c31);
-    _mm512_storeu_ps(C + 4 * ldc, c40); _mm512_storeu_ps(C + 4 * ldc + 16, c41);
-    _mm512_storeu_ps(C + 5 * ldc, c50); _mm512_storeu_ps(C + 5 * ldc + 16, c51);
-    _mm512_storeu_ps(C + 6 * ldc, c60); _mm512_storeu_ps(C + 6 * ldc + 16, c61);
-    _mm512_storeu_ps(C + 7 * ldc, c70); _mm512_storeu_ps(C + 7 * ldc + 16, c71);
-}
-
-/* C[r][c] (float64) += sum_k |b - a|, fp32 partial sums of FLUSH terms */
-static inline void l1_8x32(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    for (int64_t k0 = 0; k0 < kc; k0 += FLUSH) {
-        __m512 acc[MR][2];
-        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        const float *ak = a + k0 * PW, *bk = b + k0 * PW;
-        for (int k = 0; k < FLUSH; k++, ak += PW, bk += PW) {
-            __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
-            for (int r = 0; r < MR; r++) {
-                __m512 v = _mm512_set1_ps(ak[r]);
-                acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_abs_ps(_mm512_sub_ps(b0, v)));
-                acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_abs_ps(_mm512_sub_ps(b1, v)));
-            }
-        }
-        for (int r = 0; r < MR; r++)
-            for (int h = 0; h < 2; h++) {
-                double *cp = C + r * ldc + h * 16;
-                __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[r][h]));
-                __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(acc[r][h], 1));
-                _mm512_storeu_pd(cp, _mm512_add_pd(_mm512_loadu_pd(cp), lo));
-                _mm512_storeu_pd(cp + 8, _mm512_add_pd(_mm512_loadu_pd(cp + 8), hi));
-            }
-    }
-}
-
-static double direct_sq(const float *a, const float *b, int64_t d) {
-    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+/* ------------------------------------------------------------------ direct float64 sums
+ * Rows i and j of x (stored dtype): float64 sum of float64 squared differences in 8 lanes
+ * added in a fixed order, so identical rows give identical sums and (i, j), (j, i) agree. */
+EMB_INLINE double direct_sq_t(const void *x, const int dt, int64_t d, int64_t i, int64_t j) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t k = 0;
-    for (; k + 16 <= d; k += 16) {
-        __m512 va = _mm512_loadu_ps(a + k), vb = _mm512_loadu_ps(b + k);
-        __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(va)),
-                                   _mm512_cvtps_pd(_mm512_castps512_ps256(vb)));
-        __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(va, 1)),
-                                   _mm512_cvtps_pd(_mm512_extractf32x8_ps(vb, 1)));
-        s0 = _mm512_fmadd_pd(d0, d0, s0);
-        s1 = _mm512_fmadd_pd(d1, d1, s1);
-    }
-    double s = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
-    for (; k < d; k++) { double t = (double)a[k] - (double)b[k]; s += t * t; }
-    return s;
-}
-#else /* portable fallback: same arithmetic contract, plain loops */
-static inline void gram_4x32(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    for (int64_t k0 = 0; k0 < kc; k0 += GBLK)
-        for (int r = 0; r < GMR; r++)
-            for (int c = 0; c < PW; c++) {
-                float s0 = 0.0f, s1 = 0.0f;
-                for (int k = 0; k < GBLK; k += 2) {
-                    s0 = fmaf(a[(k0 + k) * PW + r], b[(k0 + k) * PW + c], s0);
-                    s1 = fmaf(a[(k0 + k + 1) * PW + r], b[(k0 + k + 1) * PW + c], s1);
-                }
-                C[r * ldc + c] += (double)(s0 + s1);
-            }
-}
-static inline void cheb_8x32(const float *a, const float *b, int64_t kc, float *C, int64_t ldc) {
-    for (int r = 0; r < MR; r++)
-        for (int c = 0; c < PW; c++) {
-            float m = C[r * ldc + c];
-            for (int64_t k = 0; k < kc; k++) {
-                float v = fabsf(b[k * PW + c] - a[k * PW + r]);
-                m = v > m ? v : m;
-            }
-            C[r * ldc + c] = m;
+    for (; k + 8 <= d; k += 8)
+        for (int l = 0; l < 8; l++) {
+            const double t = (double)ld_f32(x, dt, j * d + k + l) - (double)ld_f32(x, dt, i * d + k + l);
+            s[l] += t * t;
         }
+    for (int l = 0; k < d; k++, l++) {
+        const double t = (double)ld_f32(x, dt, j * d + k) - (double)ld_f32(x, dt, i * d + k);
+        s[l] += t * t;
+    }
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
-static inline void l1_8x32(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    for (int64_t k0 = 0; k0 < kc; k0 += FLUSH)
-        for (int r = 0; r < MR; r++)
-            for (int c = 0; c < PW; c++) {
-                float s = 0.0f;
-                for (int k = 0; k < FLUSH; k++) s += fabsf(b[(k0 + k) * PW + c] - a[(k0 + k) * PW + r]);
-                C[r * ldc + c] += (double)s;
-            }
+static double direct_sq(const void *x, int dt, int64_t d, int64_t i, int64_t j) {
+    double r;
+    DT_DISPATCH(dt, r = direct_sq_t(x, DT, d, i, j));
+    return r;
 }
-static double direct_sq(const float *a, const float *b, int64_t d) {
-    double s = 0.0;
-    for (int64_t k = 0; k < d; k++) { double t = (double)a[k] - (double)b[k]; s += t * t; }
-    return s;
-}
-#endif
 
 void emb_direct_sq(const float *x, int64_t n, int64_t d, const int64_t *ii, const int64_t *jj,
                    int64_t m, double *out) {
     (void)n;
-    for (int64_t t = 0; t < m; t++) out[t] = direct_sq(x + ii[t] * d, x + jj[t] * d, d);
+    for (int64_t t = 0; t < m; t++) out[t] = direct_sq_t(x, 0, d, ii[t], jj[t]);
+}
+
+/* Direct recomputation of a flagged pair through the representatives a < b of the two rows'
+ * duplicate groups (identical rows give identical sums), memoised per work item: a pair of
+ * big near-duplicate groups (e.g. 814 x 704 rows a few bf16 steps apart) costs one sum. */
+#define MEMO 2048
+typedef struct { int64_t key; double val; } memo_t;
+
+static double memo_sq(memo_t *tab, const void *x, int dt, int64_t d, int64_t n, int64_t ga, int64_t gb) {
+    const int64_t a = ga < gb ? ga : gb, b = ga < gb ? gb : ga;
+    if (!tab) return direct_sq(x, dt, d, a, b);
+    const int64_t key = a * n + b;
+    uint64_t h = mix64((uint64_t)key) & (MEMO - 1);
+    for (int p = 0; p < 8; p++, h = (h + 1) & (MEMO - 1)) {
+        if (tab[h].key == key) return tab[h].val;
+        if (tab[h].key < 0) {
+            double v = direct_sq(x, dt, d, a, b);
+            tab[h].key = key;
+            tab[h].val = v;
+            return v;
+        }
+    }
+    return direct_sq(x, dt, d, a, b);
+}
+
+/* ------------------------------------------------------------------ micro-kernels (generic over vf)
+ * a: GMR / CMR consecutive rows of a packed panel, b: GNC / CNC consecutive columns of another,
+ * both k-major with stride PW (panels are 64-byte aligned). */
+
+/* The one loop of every engine micro-kernel: for K steps along k (ak, bk advance by PW), load
+ * the NV column vectors bv[v] of bk, broadcast each of the R row values of ak as s, and run
+ * BODY for every (r, v).  UNROLL: the loop's unroll pragma. */
+#define EMB_PRAGMA(x) _Pragma(#x)
+#define TILE_STEPS(UNROLL, K, R, NV, ak, bk, BODY)                                        \
+    EMB_PRAGMA(GCC unroll UNROLL)                                                          \
+    for (int64_t k_ = 0; k_ < (K); k_++, ak += PW, bk += PW) {                             \
+        vf bv[NV];                                                                         \
+        for (int v = 0; v < (NV); v++) bv[v] = vload(bk + v * VW);                         \
+        for (int r = 0; r < (R); r++) {                                                    \
+            const vf s = vset1(ak[r]);                                                     \
+            for (int v = 0; v < (NV); v++) { BODY; }                                       \
+        }                                                                                  \
+    }
+
+/* one float32 chain: c[r][v] = sum of GCH products a[k*PW + r] * b[k*PW + v*VW + lane], from
+ * zero, for the R (<= GMR) rows of the tile */
+EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNV], const int R) {
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < GNV; v++) c[r][v] = vzero();
+    TILE_STEPS(16, GCH, R, GNV, ak, bk, c[r][v] = vmac(c[r][v], s, bv[v]))
+}
+
+/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < GNC; kc % GBLK == 0.
+ * Per GBLK products: two chains of GCH (the first is parked while the second runs), summed in
+ * float32, the sum added to the float64 tile: |fl(block) - block| <= gamma_17 sum|a_k b_k|. */
+EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R) {
+    for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
+        vf c0[GMR][GNV], c1[GMR][GNV];
+        gram_chain(a + k0 * PW, b + k0 * PW, c0, R);
+        gram_chain(a + (k0 + GCH) * PW, b + (k0 + GCH) * PW, c1, R);
+        for (int r = 0; r < R; r++)
+            for (int v = 0; v < GNV; v++) vacc_f64(C + r * ldc + v * VW, c0[r][v] + c1[r][v]);
+    }
+}
+/* GMR rows, and the PW % GMR rows left at the end of a panel (GMR need not divide PW) */
+static __attribute__((noinline)) void gram_tile(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
+    gram_tile_r(a, b, kc, C, ldc, GMR);
+}
+static __attribute__((noinline)) void gram_tile_rem(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
+    gram_tile_r(a, b, kc, C, ldc, PW % GMR ? PW % GMR : GMR);
+}
+
+/* C[r][c] (float32, ldc) = max(C, max_k |b[k*PW+c] - a[k*PW+r]|) */
+static inline void cheb_tile(const float *a, const float *b, int64_t kc, float *C, int64_t ldc) {
+    vf c[CMR][CNV];
+    for (int r = 0; r < CMR; r++)
+        for (int v = 0; v < CNV; v++) c[r][v] = vload(C + r * ldc + v * VW);
+    TILE_STEPS(4, kc, CMR, CNV, a, b, c[r][v] = vabsmax(c[r][v], bv[v] - s))
+    for (int r = 0; r < CMR; r++)
+        for (int v = 0; v < CNV; v++) vstore(C + r * ldc + v * VW, c[r][v]);
+}
+
+/* C[r][c] (float64) += sum_k |b - a|, float32 partial sums of FLUSH terms */
+static inline void l1_tile(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
+    for (int64_t k0 = 0; k0 < kc; k0 += FLUSH) {
+        vf acc[CMR][CNV];
+        for (int r = 0; r < CMR; r++)
+            for (int v = 0; v < CNV; v++) acc[r][v] = vzero();
+        const float *ak = a + k0 * PW, *bk = b + k0 * PW;
+        TILE_STEPS(1, FLUSH, CMR, CNV, ak, bk, acc[r][v] = acc[r][v] + vabs(bv[v] - s))
+        for (int r = 0; r < CMR; r++)
+            for (int v = 0; v < CNV; v++) vacc_f64(C + r * ldc + v * VW, acc[r][v]);
+    }
 }
 
 /* ------------------------------------------------------------------ block drivers
  * A work item: rows [r0, r0 + nr) (r0 % PW == 0, nr % PW == 0 after padding) against
- * columns [c0, c0 + nc) (c0 % PW == 0).  Only pairs j > i are stored (plus mirror). */
+ * columns [c0, c0 + nc) (c0 % PW == 0).  Only pairs j > i are stored (plus mirror).
+ * C: nrp*PW x ncp*PW tile (ldc = ncp*PW), zeroed here. */
 #define KC 256
+enum { K_GRAM, K_CHEB, K_L1 };
+
+EMB_INLINE void tiles(const int kind, const float *packed, int64_t dp, int64_t r0, int64_t nrp, int64_t c0,
+                      int64_t ncp, void *C) {
+    const int64_t ldc = ncp * PW;
+    const size_t esz = kind == K_CHEB ? sizeof(float) : sizeof(double);
+    memset(C, 0, esz * (size_t)(nrp * PW) * (size_t)ldc);
+    const int mr = kind == K_GRAM ? GMR : CMR, nc = kind == K_GRAM ? GNC : CNC;
+    for (int64_t pc = 0; pc < dp; pc += KC) {
+        int64_t kc = dp - pc < KC ? dp - pc : KC;
+        for (int64_t cp = 0; cp < ncp; cp++)
+            for (int cs = 0; cs < PW; cs += nc) {
+                const float *b = packed + (c0 / PW + cp) * dp * PW + pc * PW + cs;
+                for (int64_t rp = 0; rp < nrp; rp++) {
+                    const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
+                    for (int s = 0; s < PW; s += mr) {
+                        const int64_t off = (rp * PW + s) * ldc + cp * PW + cs;
+                        if (kind == K_GRAM && s + GMR > PW) gram_tile_rem(a + s, b, kc, (double *)C + off, ldc);
+                        else if (kind == K_GRAM) gram_tile(a + s, b, kc, (double *)C + off, ldc);
+                        else if (kind == K_CHEB) cheb_tile(a + s, b, kc, (float *)C + off, ldc);
+                        else l1_tile(a + s, b, kc, (double *)C + off, ldc);
+                    }
+                }
+            }
+    }
+}
 
 static void gram_block(const float *packed, int64_t dp, int64_t r0, int64_t nrp, int64_t c0, int64_t ncp,
                        double *C) {
-    const int64_t ldc = ncp * PW;
-    memset(C, 0, sizeof(double) * (size_t)(nrp * PW) * (size_t)ldc);
-    for (int64_t pc = 0; pc < dp; pc += KC) {
-        int64_t kc = dp - pc < KC ? dp - pc : KC;
-        for (int64_t cp = 0; cp < ncp; cp++) {
-            const float *b = packed + (c0 / PW + cp) * dp * PW + pc * PW;
-            for (int64_t rp = 0; rp < nrp; rp++) {
-                const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
-                for (int s = 0; s < PW / GMR; s++)
-                    gram_4x32(a + s * GMR, b, kc, C + (rp * PW + s * GMR) * ldc + cp * PW, ldc);
-            }
-        }
-    }
+    tiles(K_GRAM, packed, dp, r0, nrp, c0, ncp, C);
 }
+static void cheb_block(const float *packed, int64_t dp, int64_t r0, int64_t nrp, int64_t c0, int64_t ncp,
+                       float *C) {
+    tiles(K_CHEB, packed, dp, r0, nrp, c0, ncp, C);
+}
+static void l1_block(const float *packed, int64_t dp, int64_t r0, int64_t nrp, int64_t c0, int64_t ncp,
+                     double *C) {
+    tiles(K_L1, packed, dp, r0, nrp, c0, ncp, C);
+}
+
 
 static const float F32_TINY = 1.40129846e-45f; /* smallest positive subnormal */
 
@@ -317,29 +439,12 @@ static void mirror_block(const float *R, int64_t ldr, int64_t r0, int64_t nr, in
     }
 }
 
-/* Direct float64 recomputation of a flagged pair through the representatives of the two rows'
- * duplicate groups (identical rows give identical sums), memoised per work item: a pair of
- * big near-duplicate groups (e.g. 814 x 704 rows a few bf16 steps apart) costs one sum. */
-#define MEMO 2048
-typedef struct { int64_t key; double val; } memo_t;
-
+/* a flagged pair (i, j) of the engine (float32 rows): direct, through the group representatives */
 static double flagged_sq(memo_t *tab, const float *x, int64_t d, int64_t n, int64_t i, int64_t j,
                          const int64_t *groups) {
     const int64_t gi = groups[i], gj = groups[j];
-    if (gi == i && gj == j) return direct_sq(x + i * d, x + j * d, d);   /* no other member */
-    const int64_t a = gi < gj ? gi : gj, b = gi < gj ? gj : gi;
-    const int64_t key = a * n + b;
-    uint64_t h = mix64((uint64_t)key) & (MEMO - 1);
-    for (int p = 0; p < 8; p++, h = (h + 1) & (MEMO - 1)) {
-        if (tab[h].key == key) return tab[h].val;
-        if (tab[h].key < 0) {
-            double v = direct_sq(x + a * d, x + b * d, d);
-            tab[h].key = key;
-            tab[h].val = v;
-            return v;
-        }
-    }
-    return direct_sq(x + a * d, x + b * d, d);
+    if (gi == i && gj == j) return direct_sq_t(x, 0, d, i, j);   /* no other member */
+    return memo_sq(tab, x, 0, d, n, gi, gj);
 }
 
 /* params: c1, c2, c3, inv2tol, u, c4, ct2, inv_scale2 (double[8]) */
@@ -349,6 +454,9 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
                          const uint8_t *zero_rows, int64_t mode, const double *prm, float *out,
                          int64_t ld) {
     gram_block(packed, dp, r0, nrp, c0, ncp, C);
+#ifdef EMB_GRAM_ONLY
+    return 0;
+#endif
     const int64_t ldc = ncp * PW;
     float *R = (float *)(C + nrp * PW * ldc);   /* scratch holds C (float64) then R (float32) */
     const double c1 = prm[0], c2 = prm[1], c3 = prm[2], inv2tol = prm[3], u = prm[4], c4 = prm[5],
@@ -452,18 +560,7 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
 void emb_cheb_block(const float *packed, int64_t dp, int64_t n, float *C, int64_t r0, int64_t nrp,
                     int64_t c0, int64_t ncp, float *out, int64_t ld) {
     const int64_t ldc = ncp * PW;
-    memset(C, 0, sizeof(float) * (size_t)(nrp * PW) * (size_t)ldc);
-    for (int64_t pc = 0; pc < dp; pc += KC) {
-        int64_t kc = dp - pc < KC ? dp - pc : KC;
-        for (int64_t cp = 0; cp < ncp; cp++) {
-            const float *b = packed + (c0 / PW + cp) * dp * PW + pc * PW;
-            for (int64_t rp = 0; rp < nrp; rp++) {
-                const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
-                for (int s = 0; s < PW / MR; s++)
-                    cheb_8x32(a + s * MR, b, kc, C + (rp * PW + s * MR) * ldc + cp * PW, ldc);
-            }
-        }
-    }
+    cheb_block(packed, dp, r0, nrp, c0, ncp, C);
     const int64_t cend = c0 + ncp * PW < n ? c0 + ncp * PW : n;
     for (int64_t r = 0; r < nrp * PW; r++) {
         const int64_t i = r0 + r;
@@ -480,18 +577,7 @@ void emb_l1_block(const float *packed, int64_t dp, int64_t n, double *C, int64_t
                   int64_t c0, int64_t ncp, float *out, int64_t ld) {
     const int64_t ldc = ncp * PW;
     float *R = (float *)(C + nrp * PW * ldc);
-    memset(C, 0, sizeof(double) * (size_t)(nrp * PW) * (size_t)ldc);
-    for (int64_t pc = 0; pc < dp; pc += KC) {
-        int64_t kc = dp - pc < KC ? dp - pc : KC;
-        for (int64_t cp = 0; cp < ncp; cp++) {
-            const float *b = packed + (c0 / PW + cp) * dp * PW + pc * PW;
-            for (int64_t rp = 0; rp < nrp; rp++) {
-                const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
-                for (int s = 0; s < PW / MR; s++)
-                    l1_8x32(a + s * MR, b, kc, C + (rp * PW + s * MR) * ldc + cp * PW, ldc);
-            }
-        }
-    }
+    l1_block(packed, dp, r0, nrp, c0, ncp, C);
     const int64_t cend = c0 + ncp * PW < n ? c0 + ncp * PW : n;
     for (int64_t r = 0; r < nrp * PW; r++) {
         const int64_t i = r0 + r;
@@ -533,26 +619,13 @@ void emb_l1_block(const float *packed, int64_t dp, int64_t n, double *C, int64_t
  *   gradual underflow): they are 0.  Pairs of distinct rows with d^2 < 2^-90 (float32 squares
  *   may underflow) or d^2 >= 2^126 (may overflow) are settled by a float64 direct sum.
  * Chebyshev: float32 |a - b| max, bit-identical to the seed.
- * The plain-C build (no AVX-512) does the same arithmetic pair by pair (snap_pairs), as does
- * any snapshot holding a NaN or an infinity, where the Chebyshev max keeps NaN like torch. */
+ * Every other tier runs the same arithmetic through snap_rows (the tile over vf) and a plain-C
+ * writer; any snapshot holding a NaN or an infinity goes pair by pair (snap_pairs), where the
+ * Chebyshev max keeps NaN like torch.  The square-accumulate is rounded once everywhere
+ * (sqacc / vsqacc), so all tiers write the same bits. */
 #define SNAP_SB 64     /* fp32 terms per float32 superblock (4 chains of FLUSH) */
 
 static const float SNAP_TINY = 0x1p-90f, SNAP_BIG = 0x1p126f;
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, b;
-    if (e == 0) {
-        if (m == 0) b = s;
-        else {                         /* subnormal: normalise */
-            int sh = 0;
-            while (!(m & 0x400u)) { m <<= 1; sh++; }
-            m &= 0x3FFu;
-            b = s | ((uint32_t)(127 - 15 + 1 - sh) << 23) | (m << 13);
-        }
-    } else if (e == 31) b = s | 0x7F800000u | (m << 13);
-    else b = s | ((e + 127 - 15) << 23) | (m << 13);
-    float f; memcpy(&f, &b, 4); return f;
-}
 
 /* float32 -> bfloat16 / float16 bits, round to nearest even; a nonzero value that rounds to
  * zero becomes the smallest subnormal (0 stays reserved for identical rows) */
@@ -580,12 +653,6 @@ static inline uint16_t f32_to_f16_keep(float f) {
     }
     if ((h & 0x7fffu) == 0 && a != 0) h |= 1u;
     return h;
-}
-
-static inline float snap_in(const void *h, int dt, int64_t idx) {
-    if (dt == 0) return ((const float *)h)[idx];
-    if (dt == 1) { uint32_t b = (uint32_t)((const uint16_t *)h)[idx] << 16; float v; memcpy(&v, &b, 4); return v; }
-    return half_to_float(((const uint16_t *)h)[idx]);
 }
 
 /* row i, coordinate k of the packed snapshot is snap_col(bp, Dp, i)[16 * k] */
@@ -616,7 +683,7 @@ static inline void snap_put(void *ob, int odt, int64_t idx, float v) {
 }
 
 /* pair by pair, the arithmetic of the tiled kernel (same bits); the Chebyshev max keeps a NaN
- * (as torch's max does): used for snapshots with non-finite values, and as the plain-C build */
+ * (as torch's max does): used for snapshots with non-finite values */
 static void snap_pairs(const float *bp, int64_t V, int64_t D, int64_t Dp, void *oe, void *oc, int mode, int odt) {
     for (int64_t i = 0; i < V; i++) {
         const float *a = snap_col(bp, Dp, i);
@@ -633,7 +700,7 @@ static void snap_pairs(const float *bp, int64_t V, int64_t D, int64_t Dp, void *
                     float acc = 0.0f;
                     for (int64_t k = k0; k < k0 + FLUSH; k++) {
                         const float tv = b[16 * k] - a[16 * k];
-                        acc = fmaf(tv, tv, acc);
+                        acc = sqacc(acc, tv);
                         const float av = fabsf(tv);
                         ch = (av > ch || av != av) ? av : ch;
                     }
@@ -853,25 +920,151 @@ static void snap_run(const float *bp, int64_t V, int64_t Vp, int64_t D, int64_t 
         else snap_one(bp, V, D, Dp, oe, oc, mode, odt, nt, 1, 0);
     } else snap_one(bp, V, D, Dp, oe, oc, mode, odt, nt, 0, 0);
 }
-#else /* portable: the same arithmetic, pair by pair */
-static int snap_load(const void *h, int dt, int64_t off, int64_t V, int64_t D, int64_t Vp, int64_t Dp,
-                     float *bp) {
-    int bad = 0;
+#else /* every other tier: the tile over vf (same arithmetic, same bits), the epilogue in plain C */
+EMB_INLINE int snap_load_t(const void *h, const int dt, int64_t off, int64_t V, int64_t D, int64_t Vp, int64_t Dp,
+                           float *bp) {
+    uint32_t bad = 0;
     for (int64_t i = 0; i < Vp; i++) {
         float *c = bp + (i / 16) * Dp * 16 + i % 16;
-        for (int64_t k = 0; k < Dp; k++) {
-            const float v = (i < V && k < D) ? snap_in(h, dt, off + i * D + k) : 0.0f;
-            bad |= !isfinite(v);
-            c[16 * k] = v;
+        int64_t k = 0;
+        if (i < V)
+            for (; k < D; k++) {
+                const float v = ld_f32(h, dt, off + i * D + k);
+                uint32_t u; memcpy(&u, &v, 4);
+                bad |= (u & 0x7f800000u) == 0x7f800000u;          /* NaN, +-inf */
+                c[16 * k] = v;
+            }
+        for (; k < Dp; k++) c[16 * k] = 0.0f;
+    }
+    return bad != 0;
+}
+
+static int snap_load(const void *h, int dt, int64_t off, int64_t V, int64_t D, int64_t Vp, int64_t Dp,
+                     float *bp) {
+    int r;
+    DT_DISPATCH(dt, r = snap_load_t(h, DT, off, V, D, Vp, Dp, bp));
+    return r;
+}
+
+/* rows hh..hh+SNR-1 of the panel at pa (pa = panel + hh), against the 16 columns of the panel
+ * at pb: E[r*16 + c] = d^2 (float32, want_e), C[r*16 + c] = max |b - a|: snap_pairs' arithmetic */
+EMB_INLINE void snap_rows(const float *pa, const float *pb, int64_t Dp, const int want_e, const int nsb,
+                          float *E, float *Cc) {
+    enum { NV = 16 / VW };
+    vf tot[SNR][NV], ch[SNR][NV];
+    vd dsum[SNR][NV];
+    for (int r = 0; r < SNR; r++)
+        for (int v = 0; v < NV; v++) {
+            tot[r][v] = ch[r][v] = vzero();
+            dsum[r][v] = __builtin_convertvector(vzero(), vd);
+        }
+    for (int64_t s0 = 0; s0 < Dp; s0 += SNAP_SB) {
+        const int64_t se = s0 + SNAP_SB < Dp ? s0 + SNAP_SB : Dp;
+        if (nsb)
+            for (int r = 0; r < SNR; r++)
+                for (int v = 0; v < NV; v++) tot[r][v] = vzero();
+        for (int64_t k0 = s0; k0 < se; k0 += FLUSH) {
+            vf acc[SNR][NV];
+            for (int r = 0; r < SNR; r++)
+                for (int v = 0; v < NV; v++) acc[r][v] = vzero();
+            const float *ak = pa + 16 * k0, *bk = pb + 16 * k0;
+#pragma GCC unroll 16
+            for (int kk = 0; kk < FLUSH; kk++) {
+                vf bv[NV];
+                for (int v = 0; v < NV; v++) bv[v] = vload(bk + 16 * kk + v * VW);
+                for (int r = 0; r < SNR; r++) {
+                    const vf s = vset1(ak[16 * kk + r]);
+                    for (int v = 0; v < NV; v++) {
+                        const vf tv = bv[v] - s;
+                        if (want_e) acc[r][v] = vsqacc(acc[r][v], tv);
+                        ch[r][v] = vabsmax(ch[r][v], tv);
+                    }
+                }
+            }
+            if (want_e)
+                for (int r = 0; r < SNR; r++)
+                    for (int v = 0; v < NV; v++) tot[r][v] = tot[r][v] + acc[r][v];
+        }
+        if (want_e && nsb)
+            for (int r = 0; r < SNR; r++)
+                for (int v = 0; v < NV; v++) dsum[r][v] += __builtin_convertvector(tot[r][v], vd);
+    }
+    for (int r = 0; r < SNR; r++)
+        for (int v = 0; v < NV; v++) {
+            vstore(Cc + r * 16 + v * VW, ch[r][v]);
+            if (want_e) vstore(E + r * 16 + v * VW, nsb ? __builtin_convertvector(dsum[r][v], vf) : tot[r][v]);
+        }
+}
+
+/* the tile of all 16 rows, one specialisation per (want_e, nsb): registers of its own */
+#define SNAP_TILE(NAME, WE, NSB) \
+    static __attribute__((noinline)) void NAME(const float *pa, const float *pb, int64_t Dp, float *E, float *Cc) { \
+        for (int hh = 0; hh < 16; hh += SNR) snap_rows(pa + hh, pb, Dp, WE, NSB, E + hh * 16, Cc + hh * 16); \
+    }
+SNAP_TILE(snap_tile_c, 0, 0)
+SNAP_TILE(snap_tile_ec, 1, 0)
+SNAP_TILE(snap_tile_ec_sb, 1, 1)
+
+static inline void snap_put_run(void *ob, int odt, int64_t idx, const float *v, int64_t m) {
+    if (odt == 0 && m == 16) {
+        float *o = (float *)ob + idx;
+        for (int q = 0; q < 16; q += VW) vstore(o + q, vload(v + q));
+    } else if (odt == 0) memcpy((float *)ob + idx, v, sizeof(float) * (size_t)m);
+    else for (int64_t l = 0; l < m; l++) snap_put(ob, odt, idx + l, v[l]);
+}
+
+/* one tile: rows and mirror of the output written once, exactly symmetric, diagonal 0 */
+static inline void snap_store_tile(void *ob, int odt, int64_t V, int64_t I, int64_t J, int64_t ni, int64_t nj,
+                                   const float *T) {
+    for (int64_t r = 0; r < ni; r++) snap_put_run(ob, odt, (I + r) * V + J, T + r * 16, nj);
+    if (I != J) {
+        float Tt[256] __attribute__((aligned(64)));
+        for (int c = 0; c < 16; c++)
+            for (int r = 0; r < 16; r++) Tt[c * 16 + r] = T[r * 16 + c];
+        for (int64_t c = 0; c < nj; c++) snap_put_run(ob, odt, (J + c) * V + I, Tt + c * 16, ni);
+    }
+}
+
+static void snap_one(const float *bp, int64_t V, int64_t D, int64_t Dp, void *oe, void *oc, int mode, int odt,
+                     const int want_e, const int nsb) {
+    float E[256] __attribute__((aligned(64))), Cc[256] __attribute__((aligned(64)));
+    for (int64_t J = 0; J < V; J += 16) {
+        const int64_t nj = V - J < 16 ? V - J : 16;
+        for (int64_t I = 0; I <= J; I += 16) {
+            const int64_t ni = V - I < 16 ? V - I : 16;
+            if (!want_e) snap_tile_c(bp + I * Dp, bp + J * Dp, Dp, E, Cc);
+            else if (!nsb) snap_tile_ec(bp + I * Dp, bp + J * Dp, Dp, E, Cc);
+            else snap_tile_ec_sb(bp + I * Dp, bp + J * Dp, Dp, E, Cc);
+            if (I == J)                                        /* exact zero diagonal */
+                for (int r = 0; r < 16; r++) E[r * 17] = Cc[r * 17] = 0.0f;
+            if (want_e) {
+                int any = 0;
+                for (int l = 0; l < 256; l++) any |= ((E[l] < SNAP_TINY) & (Cc[l] > 0.0f)) | (E[l] >= SNAP_BIG);
+                float pre[256];
+                if (any) memcpy(pre, E, sizeof pre);
+                if (mode == 0)
+                    for (int l = 0; l < 256; l++) E[l] = sqrtf(E[l]);
+                if (any)
+                    for (int64_t r = 0; r < ni; r++)
+                        for (int64_t l = 0; l < nj; l++) {
+                            const float e = pre[r * 16 + l];
+                            if (((e < SNAP_TINY && Cc[r * 16 + l] > 0.0f) || e >= SNAP_BIG) && !(I == J && l == r))
+                                E[r * 16 + l] = snap_settle(bp, Dp, D, I + r, J + l, mode);
+                        }
+                snap_store_tile(oe, odt, V, I, J, ni, nj, E);
+            }
+            if (oc) snap_store_tile(oc, odt, V, I, J, ni, nj, Cc);
         }
     }
-    return bad;
 }
 
 static void snap_run(const float *bp, int64_t V, int64_t Vp, int64_t D, int64_t Dp, void *oe, void *oc,
                      int mode, int odt, int nt) {
     (void)nt; (void)Vp;
-    snap_pairs(bp, V, D, Dp, oe, oc, mode, odt);
+    if (oe) {
+        if (Dp > SNAP_SB) snap_one(bp, V, D, Dp, oe, oc, mode, odt, 1, 1);
+        else snap_one(bp, V, D, Dp, oe, oc, mode, odt, 1, 0);
+    } else snap_one(bp, V, D, Dp, oe, oc, mode, odt, 0, 0);
 }
 #endif
 
@@ -957,5 +1150,6 @@ void emb_hist_upper(const float *d, int64_t n, int64_t ld, int64_t r0, int64_t r
     }
     st[0] = mn; st[1] = mx; st[2] = sum; st[3] = zeros; st[4] = nans;
 }
+
 
 #include "kernels_stream.c"

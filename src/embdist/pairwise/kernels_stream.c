@@ -1,6 +1,6 @@
 /* Streaming reductions over the engine's tiles: whole-vocabulary statistics without an N x N
  * matrix (embdist.pairwise._stream).  Included at the end of kernels.c, so the GEMM
- * (gram_block), the Chebyshev micro-kernel (cheb_8x32), direct_sq, mix64 and the build flags
+ * (gram_block), the Chebyshev tiles (cheb_block), direct_sq, the dtype loads, mix64 and the build flags
  * are the engine's own.  Every symbol defined here is prefixed st_ / emb_stream_.
  *
  * A pass visits the engine's upper-triangle work items (128 rows x 512 columns).  Per item the
@@ -23,7 +23,6 @@
  * float32 copy of the matrix is needed. */
 
 #define ST_MAXRAD 8
-#define ST_MEMO 2048
 #define ST_NDSET 4096
 
 typedef struct {
@@ -57,119 +56,23 @@ static inline void st_unlock(int *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE);
 static inline double st_load_thr(const double *p) { double v; __atomic_load(p, &v, __ATOMIC_RELAXED); return v; }
 static inline void st_store_thr(double *p, double v) { __atomic_store(p, &v, __ATOMIC_RELAXED); }
 
-/* ------------------------------------------------------------------ dtype access */
-static inline float st_half(uint16_t h) {
-    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, b;
-    if (e == 0) {
-        if (m == 0) b = s;
-        else {
-            int sh = 0;
-            while (!(m & 0x400u)) { m <<= 1; sh++; }
-            m &= 0x3FFu;
-            b = s | ((uint32_t)(127 - 15 + 1 - sh) << 23) | (m << 13);
-        }
-    } else if (e == 31) b = s | 0x7F800000u | (m << 13);
-    else b = s | ((e + 127 - 15) << 23) | (m << 13);
-    float f; memcpy(&f, &b, 4); return f;
-}
-
-static inline float st_ld(const void *x, int dt, int64_t idx) {
-    if (dt == 0) return ((const float *)x)[idx];
-    uint16_t h = ((const uint16_t *)x)[idx];
-    if (dt == 1) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
-    return st_half(h);
-}
-
-#if EMB_AVX512
-static inline __m512 st_ld16(const void *x, int dt, int64_t idx) {
-    if (dt == 0) return _mm512_loadu_ps((const float *)x + idx);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + idx));
-    if (dt == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-}
-#endif
-
-/* float64 sum of float64 squared differences: the same arithmetic as direct_sq on the float32
- * values of the rows (so identical rows give identical sums, and the result is symmetric). */
-static double st_direct_sq(const void *x, int dt, int64_t d, int64_t i, int64_t j) {
-    if (dt == 0) return direct_sq((const float *)x + i * d, (const float *)x + j * d, d);
-#if EMB_AVX512
-    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
-    int64_t k = 0;
-    for (; k + 16 <= d; k += 16) {
-        __m512 va = st_ld16(x, dt, i * d + k), vb = st_ld16(x, dt, j * d + k);
-        __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(va)),
-                                   _mm512_cvtps_pd(_mm512_castps512_ps256(vb)));
-        __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(va, 1)),
-                                   _mm512_cvtps_pd(_mm512_extractf32x8_ps(vb, 1)));
-        s0 = _mm512_fmadd_pd(d0, d0, s0);
-        s1 = _mm512_fmadd_pd(d1, d1, s1);
-    }
-    double s = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
-    for (; k < d; k++) { double t = (double)st_ld(x, dt, i * d + k) - (double)st_ld(x, dt, j * d + k); s += t * t; }
-    return s;
-#else
-    double s = 0.0;
-    for (int64_t k = 0; k < d; k++) { double t = (double)st_ld(x, dt, i * d + k) - (double)st_ld(x, dt, j * d + k); s += t * t; }
-    return s;
-#endif
-}
-
-/* float32 max |a - b| (bit-identical to the Chebyshev kernel), returned squared in float64 (exact) */
+/* the exact value of a pair, through the representatives of the two rows' duplicate groups:
+ * squared Euclidean (direct_sq, float64) or squared Chebyshev (float32 max |a - b|,
+ * bit-identical to the Chebyshev kernel, squared in float64: exact) */
 static double st_direct_cheb_sq(const void *x, int dt, int64_t d, int64_t i, int64_t j) {
     float m = 0.0f;
     for (int64_t k = 0; k < d; k++) {
-        float v = fabsf(st_ld(x, dt, j * d + k) - st_ld(x, dt, i * d + k));
+        float v = fabsf(ld_f32(x, dt, j * d + k) - ld_f32(x, dt, i * d + k));
         m = v > m ? v : m;
     }
     return (double)m * (double)m;
 }
 
-/* the exact value of a pair, through the representatives of the two rows' duplicate groups */
 static inline double st_exact(const void *x, int dt, int64_t d, int64_t metric, int64_t a, int64_t b) {
-    return metric == 0 ? st_direct_sq(x, dt, d, a, b) : st_direct_cheb_sq(x, dt, d, a, b);
-}
-
-typedef struct { int64_t key; double val; } st_memo_t;
-
-static double st_flagged_sq(st_memo_t *tab, const void *x, int dt, int64_t d, int64_t n, int64_t gi, int64_t gj) {
-    const int64_t a = gi < gj ? gi : gj, b = gi < gj ? gj : gi;
-    const int64_t key = a * n + b;
-    uint64_t h = mix64((uint64_t)key) & (ST_MEMO - 1);
-    for (int p = 0; p < 8; p++, h = (h + 1) & (ST_MEMO - 1)) {
-        if (tab[h].key == key) return tab[h].val;
-        if (tab[h].key < 0) {
-            double v = st_direct_sq(x, dt, d, a, b);
-            tab[h].key = key;
-            tab[h].val = v;
-            return v;
-        }
-    }
-    return st_direct_sq(x, dt, d, a, b);
+    return metric == 0 ? direct_sq(x, dt, d, a, b) : st_direct_cheb_sq(x, dt, d, a, b);
 }
 
 /* ------------------------------------------------------------------ preparation */
-void emb_stream_row_hash(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
-    (void)n;
-    const uint64_t P = 0x9E3779B97F4A7C15ULL;
-    for (int64_t i = r0; i < r1; i++) {
-        uint64_t h0 = 0x243F6A8885A308D3ULL, h1 = 0x13198A2E03707344ULL;
-        for (int64_t k = 0; k < d; k++) {
-            uint64_t b;
-            if (dt == 0) { uint32_t u; memcpy(&u, (const float *)x + i * d + k, 4); b = (u & 0x7fffffffu) ? u : 0; }
-            else { uint16_t u = ((const uint16_t *)x)[i * d + k]; b = (u & 0x7fffu) ? u : 0; }
-            if (k & 1) h1 = rotl((h1 ^ b) * P, 29); else h0 = rotl((h0 ^ b) * P, 29);
-        }
-        out[i] = mix64(h0 ^ rotl(h1, 31) ^ (uint64_t)d);
-    }
-}
-
-void emb_stream_col_sums(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
-    (void)n;
-    for (int64_t i = r0; i < r1; i++)
-        for (int64_t k = 0; k < d; k++) acc[k] += (double)st_ld(x, (int)dt, i * d + k);
-}
-
 /* out[0] = max |fl(x - mu)| (0 without mu: max |x|), out[1] = max_i sqrt(sum_k (x_ik - mu_k)^2)
  * (float64), out[2] = max_i max_k |x_ik - mu_k| (float64) */
 void emb_stream_extent(const void *x, int64_t dt, int64_t n, int64_t d, const float *mu, int64_t r0, int64_t r1,
@@ -180,7 +83,7 @@ void emb_stream_extent(const void *x, int64_t dt, int64_t n, int64_t d, const fl
     for (int64_t i = r0; i < r1; i++) {
         double s = 0.0;
         for (int64_t k = 0; k < d; k++) {
-            float v = st_ld(x, (int)dt, i * d + k);
+            float v = ld_f32(x, (int)dt, i * d + k);
             float c = mu ? v - mu[k] : v;
             float a = fabsf(c);
             m = a > m ? a : m;
@@ -193,32 +96,6 @@ void emb_stream_extent(const void *x, int64_t dt, int64_t n, int64_t d, const fl
         mn = s > mn ? s : mn;
     }
     out[0] = (double)m; out[1] = mn; out[2] = mc;
-}
-
-/* as emb_pack_panels, reading the stored dtype */
-void emb_stream_pack(const void *x, int64_t dt, int64_t n, int64_t d, int64_t dp, const float *mu, double scale,
-                     float *packed, int64_t p0, int64_t p1, double *norms) {
-    const float s = (float)scale;
-    for (int64_t p = p0; p < p1; p++) {
-        float *dst = packed + p * dp * PW;
-        for (int64_t j = 0; j < PW; j++) {
-            int64_t i = p * PW + j;
-            double acc = 0.0;
-            if (i < n) {
-                for (int64_t k = 0; k < d; k++) {
-                    float v = st_ld(x, (int)dt, i * d + k);
-                    if (mu) v = v - mu[k];
-                    v = v * s;
-                    dst[k * PW + j] = v;
-                    acc += (double)v * (double)v;
-                }
-                if (norms) norms[i] = acc;
-            } else {
-                for (int64_t k = 0; k < d; k++) dst[k * PW + j] = 0.0f;
-            }
-            for (int64_t k = d; k < dp; k++) dst[k * PW + j] = 0.0f;
-        }
-    }
 }
 
 /* one step of the stored format at |v|: ulp of v (the smallest subnormal for 0 / subnormals) */
@@ -620,8 +497,8 @@ void emb_stream_euclid_item(emb_stream_t *st, const float *packed, int64_t dp, i
     const int64_t nrad = (int64_t)sp[2];
     const double tolq = sp[3];
     const double *rad2 = sp + 5;
-    st_memo_t *memo = (st_memo_t *)malloc(sizeof(st_memo_t) * ST_MEMO);
-    for (int q = 0; memo && q < ST_MEMO; q++) memo[q].key = -1;
+    memo_t *memo = (memo_t *)malloc(sizeof(memo_t) * MEMO);
+    for (int q = 0; memo && q < MEMO; q++) memo[q].key = -1;
     int64_t flagged = 0;
     for (int64_t r = 0; r < nr; r++) {
         const int64_t i = r0 + r;
@@ -674,9 +551,7 @@ void emb_stream_euclid_item(emb_stream_t *st, const float *packed, int64_t dp, i
                 _mm512_storeu_pd(tmp, q);
                 for (int l = 0; l < 8; l++)
                     if (fl >> l & 1)
-                        tmp[l] = memo ? st_flagged_sq(memo, x, (int)dt, d, n, gi, groups[j + l])
-                                      : st_direct_sq(x, (int)dt, d, gi < groups[j + l] ? gi : groups[j + l],
-                                                     gi < groups[j + l] ? groups[j + l] : gi);
+                        tmp[l] = memo_sq(memo, x, (int)dt, d, n, gi, groups[j + l]);
                 q = _mm512_loadu_pd(tmp);
                 flagged += __builtin_popcount(fl);
             }
@@ -697,8 +572,7 @@ void emb_stream_euclid_item(emb_stream_t *st, const float *packed, int64_t dp, i
                 for (int64_t t = 0; t < nrad; t++) fl |= fabs(q - rad2[t]) <= rad2[t] * 2.0 * tolq;
                 if (fl) {
                     const int64_t gj = groups[jj];
-                    q = memo ? st_flagged_sq(memo, x, (int)dt, d, n, gi, gj)
-                             : st_direct_sq(x, (int)dt, d, gi < gj ? gi : gj, gi < gj ? gj : gi);
+                    q = memo_sq(memo, x, (int)dt, d, n, gi, gj);
                     flagged++;
                     flb |= (uint8_t)(1u << l);
                 }
@@ -722,18 +596,7 @@ void emb_stream_cheb_item(emb_stream_t *st, const float *packed, int64_t dp, int
     const int64_t ldc = ncp * PW, nr = nrp * PW, ldx = ldc / 8;
     float *F = (float *)(C + nr * ldc);
     uint8_t *EX = (uint8_t *)(F + nr * ldc);
-    memset(F, 0, sizeof(float) * (size_t)nr * (size_t)ldc);
-    for (int64_t pc = 0; pc < dp; pc += KC) {
-        int64_t kc = dp - pc < KC ? dp - pc : KC;
-        for (int64_t cp = 0; cp < ncp; cp++) {
-            const float *b = packed + (c0 / PW + cp) * dp * PW + pc * PW;
-            for (int64_t rp = 0; rp < nrp; rp++) {
-                const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
-                for (int s = 0; s < PW / MR; s++)
-                    cheb_8x32(a + s * MR, b, kc, F + (rp * PW + s * MR) * ldc + cp * PW, ldc);
-            }
-        }
-    }
+    cheb_block(packed, dp, r0, nrp, c0, ncp, F);
     for (int64_t r = 0; r < nr; r++) {
         const int64_t i = r0 + r;
         double *Qr = C + r * ldc;

@@ -1,0 +1,21 @@
+/* Tier avx2 (x86-64 with AVX2 + FMA: AMD Zen 1-5, Intel Haswell and later desktop chips):
+ * the per-ISA part of kernels.c.  16 registers of 8 float32: gram tiles 6 x 16 (12 live
+ * accumulators; the first chain of a block parked in L1 by the register allocator; 6 does not
+ * divide the panel, its last 2 rows are a tile of their own), Chebyshev / Manhattan tiles
+ * 4 x 16, snapshot tiles 2 x 16. */
+#include <immintrin.h>
+#define EMB_TIER_NAME "avx2"
+#define VW 8
+typedef __m256 vf;
+#ifndef GMR
+#define GMR 6
+#endif
+#define GNV 2
+#define CMR 4
+#define CNV 2
+#define SNR 2
+#define EMB_HAS_FMA 1
+#define VSET1(s) _mm256_set1_ps(s)
+#define VMAC(acc, a, b) _mm256_fmadd_ps(a, b, acc)
+#define VABS(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)
+#define VABSMAX(m, x) _mm256_max_ps(m, VABS(x))
