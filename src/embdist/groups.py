@@ -134,3 +134,47 @@ def distinct_vectors_per_step(history, chunk_steps: int | None = None) -> np.nda
         for j in np.flatnonzero((same_hash & ~same_row).any(axis=1)):
             out[s + j] = len(np.unique(blk[j], axis=0))
     return out
+
+
+def row_groups(x, chunk_steps: int | None = None) -> np.ndarray:
+    """Canonical group id of every row: the smallest row index whose row is identical (bitwise on
+    the stored dtype, -0.0 == +0.0, equal hashes verified).
+
+    x: a (N, D) matrix -> int32 (N,); a (T, V, D) history -> int32 (T, V), step by step (each
+    step's rows compared among themselves). ``labels == arange`` marks one representative per
+    distinct vector, so ``(labels[t] == arange(V)).sum()`` is ``distinct_vectors_per_step``.
+    """
+    bits = _as_bits(x)
+    if bits.ndim not in (2, 3):
+        raise ValueError(f"row_groups needs a (rows, dims) matrix or a (steps, rows, dims) history, "
+                         f"got shape {tuple(np.shape(x))}")
+    flat = bits.ndim == 2
+    if flat:
+        bits = bits[None]
+    t, v, k = bits.shape
+    out = np.empty((t, v), dtype=np.int32)
+    if chunk_steps is None:
+        chunk_steps = max(1, _CHUNK_WORDS // max(1, v * k))
+    cols = np.arange(v)
+    for s in range(0, t, chunk_steps):
+        blk = bits[s:s + chunk_steps]                       # (c, V, K)
+        h = _hash_rows(blk)
+        order = np.argsort(h, axis=1, kind="stable")        # equal hashes stay in ascending index
+        hs = np.take_along_axis(h, order, axis=1)
+        rows = np.take_along_axis(blk, order[:, :, None], axis=1)
+        same_hash = hs[:, 1:] == hs[:, :-1]
+        same_row = (rows[:, 1:] == rows[:, :-1]).all(axis=2) if k else np.ones_like(same_hash)
+        start = np.ones(order.shape, dtype=bool)
+        start[:, 1:] = ~(same_hash & same_row)
+        first = np.take_along_axis(order, np.maximum.accumulate(np.where(start, cols, 0), axis=1), axis=1)
+        lab = np.empty_like(order)
+        np.put_along_axis(lab, order, first, axis=1)
+        # A run of equal hashes holding different rows (a collision) breaks adjacency: redo exactly.
+        for j in np.flatnonzero((same_hash & ~same_row).any(axis=1)):
+            _, inv = np.unique(blk[j], axis=0, return_inverse=True)
+            inv = inv.reshape(-1)
+            smallest = np.full(inv.max() + 1, v, dtype=np.int64)
+            np.minimum.at(smallest, inv, cols)
+            lab[j] = smallest[inv]
+        out[s:s + len(blk)] = lab
+    return out[0] if flat else out
