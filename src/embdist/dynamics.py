@@ -93,11 +93,13 @@ _UINT = {2: np.uint16, 4: np.uint32}
 _EXP = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
 
 
-def _finite(x: torch.Tensor) -> bool:
+def _finite(x: torch.Tensor, elem: np.ndarray) -> bool:
+    """No NaN/Inf: every value's exponent field below all-ones (on the canonical bits)."""
     if x.dtype not in _EXP:
         return bool(torch.isfinite(x).all())
     e = _EXP[x.dtype]
-    return not bool(((x.view(torch.int16 if x.element_size() == 2 else torch.int32) & e) == e).any())
+    magnitude = elem.dtype.type((1 << (8 * elem.itemsize - 1)) - 1)   # all bits but the sign
+    return elem.size == 0 or int((elem & magnitude).max()) < e
 
 
 def _to_float(u: np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -114,13 +116,12 @@ def _units_from_bits(prev: np.ndarray, cur: np.ndarray, dtype: torch.dtype) -> n
     coordinates go through ``lattice_units``."""
     if dtype != torch.bfloat16:
         return lattice_units(_to_float(prev, dtype), _to_float(cur, dtype)).sum(axis=-1)
-    same = ((prev ^ cur) & np.uint16(0xFF80)) == 0
-    d = np.abs(cur.astype(np.int32) - prev.astype(np.int32))
-    d[~same] = 0
+    other = np.flatnonzero((prev ^ cur) >= 0x80)   # sign or exponent differs: the general formula
+    d = np.abs((cur - prev).view(np.int16))         # exact |difference of bits| where sign and E agree
     out = d.sum(axis=-1, dtype=np.int64).astype(np.float64)
-    r, k = np.nonzero(~same)
-    if len(r):
-        np.add.at(out, r, lattice_units(_to_float(prev[r, k], dtype), _to_float(cur[r, k], dtype)))
+    if len(other):
+        r, k = np.unravel_index(other, prev.shape)
+        np.add.at(out, r, lattice_units(_to_float(prev[r, k], dtype), _to_float(cur[r, k], dtype)) - d[r, k])
     return out
 
 
@@ -181,10 +182,11 @@ class Tracker:
         c, v, _ = x.shape
         if c == 0:
             return
-        if not _finite(x):
-            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
         bits = rowid._as_bits(x)                     # canonical row words (-0.0 -> +0.0)
-        labels = rowid.row_groups(x)
+        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)   # canonical bits per value
+        if not _finite(x, elem):
+            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
+        labels = rowid.row_groups_of_bits(bits)
         if self.first_bits is None:
             self.first_bits = bits[0].copy()
             self.first_leave = np.full(v, -1, dtype=np.int64)
@@ -204,7 +206,6 @@ class Tracker:
                 arr[hit] = idx[c - 1 - mask[::-1].argmax(axis=0)[hit]]
         self.n_changes += changed.sum(axis=0)
         # displacement in lattice units, chunked to bound the temporaries
-        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)   # canonical bits per value
         prev_elem = elem[:1] if self.prev_bits is None else self.prev_bits.view(elem.dtype).reshape(1, v, -1)
         disp = np.zeros((c, v))
         ss, rr = np.nonzero(changed)                 # only rows that moved
@@ -244,7 +245,11 @@ class Tracker:
             d = dist.numpy() if isinstance(dist, torch.Tensor) else dist
             slack = 1.0 if self.metric == "chebyshev" else 1 + 1e-5   # Euclidean: engine within 2e-6
             # distance 0 = identical rows (the engine's contract): joined through the labels
-            t, a, b = np.nonzero((d <= top * slack) & (d > 0))
+            flat = d.reshape(-1)
+            hit = flat <= top * slack
+            hit &= flat > 0
+            t, rem = np.divmod(np.flatnonzero(hit), v * v)
+            a, b = np.divmod(rem, v)
             k = (a < b) & isrep[t, a] & isrep[t, b]
             t, a, b = t[k], a[k], b[k]
             val = d[t, a, b].astype(np.float64)

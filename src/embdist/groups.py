@@ -148,6 +148,11 @@ def row_groups(x, chunk_steps: int | None = None) -> np.ndarray:
     if bits.ndim not in (2, 3):
         raise ValueError(f"row_groups needs a (rows, dims) matrix or a (steps, rows, dims) history, "
                          f"got shape {tuple(np.shape(x))}")
+    return row_groups_of_bits(bits, chunk_steps)
+
+
+def row_groups_of_bits(bits: np.ndarray, chunk_steps: int | None = None) -> np.ndarray:
+    """``row_groups`` of rows already given as canonical words (``_as_bits``)."""
     flat = bits.ndim == 2
     if flat:
         bits = bits[None]

@@ -29,9 +29,11 @@ MAX_LINEAGE_TOKENS = 2000   # larger vocabularies: the tokens that ever share a 
 MAX_HEAT_ROWS, MAX_HEAT_COLS = 600, 1000
 
 
-def _step_axis(ax, log_step: bool) -> None:
+def _step_axis(ax, log_step: bool, steps=None) -> None:
     if log_step:
         ax.set_xscale("symlog", linthresh=1.0)
+    if steps is not None and len(steps):
+        ax.set_xlim(steps[0], max(steps[-1], steps[0] + 1))
     ax.set_xlabel("training step" + (" (log)" if log_step else ""))
 
 
@@ -52,7 +54,7 @@ def dynamics_curves(dy, path: str | os.PathLike, log_step: bool = False, title: 
     bottom.set_ylabel("events per step")
     bottom.legend(loc="best", fontsize=9)
     bottom.grid(True, lw=0.3, alpha=0.5)
-    _step_axis(bottom, log_step)
+    _step_axis(bottom, log_step, s)
     fig.suptitle(title or f"{_fmt(dy.groups.shape[1])} tokens over {_fmt(len(s))} steps: distinct vectors "
                           f"{_fmt(dy.distinct[0])} -> {_fmt(dy.distinct[-1])}")
     fig.tight_layout()
@@ -103,14 +105,13 @@ def lineage(dy, path: str | os.PathLike, labels=None, log_step: bool = False, ti
                          linewidth=0.4)
     pc.set_array(vals)
     ax.add_collection(pc)
-    ax.set_xlim(s[0], s[-1] if t_len > 1 else s[0] + 1)
     ax.set_ylim(n_tok, 0)
     if labels is not None and n_tok <= 200:
         ax.set_yticks(np.arange(n_tok) + 0.5)
         ax.set_yticklabels([labels[i] for i in order], fontsize=max(4, min(8, 900 // max(n_tok, 1))), family="monospace")
     else:
         ax.set_ylabel("tokens (lineage order)")
-    _step_axis(ax, log_step)
+    _step_axis(ax, log_step, s)
     cb = fig.colorbar(pc, ax=ax, pad=0.01)
     cb.set_label("tokens sharing the vector (group size)")
     fig.suptitle(title or f"Lineage of the groups of identical vectors ({_fmt(n_tok)} tokens; "
@@ -134,7 +135,7 @@ def freeze_histogram(dy, path: str | os.PathLike, log_step: bool = False, title:
             edges = np.linspace(lo, hi + 1, min(80, max(2, len(dy.steps))) + 1)
         ax.hist(fs, bins=edges, color="#2ca02c", edgecolor="white", linewidth=0.3)
     ax.set_ylabel("tokens")
-    _step_axis(ax, log_step)
+    _step_axis(ax, log_step, dy.steps)
     ax.grid(True, axis="y", lw=0.3, alpha=0.5)
     ax.set_title(f"{_fmt(int(moved.sum()))} tokens moved, {_fmt(never)} never changed; "
                  f"still moving at the last step: {_fmt(int((dy.freeze == len(dy.steps) - 1).sum()))}", fontsize=10)
@@ -173,7 +174,7 @@ def displacement_heatmap(dy, path: str | os.PathLike, labels=None, log_step: boo
         ax.set_yticklabels([labels[i] for i in order], fontsize=max(4, min(8, 900 // d.shape[0])), family="monospace")
     else:
         ax.set_ylabel("tokens by freeze step" + (" (binned)" if rows_binned else ""))
-    _step_axis(ax, log_step)
+    _step_axis(ax, log_step, xe)
     cb = fig.colorbar(mesh, ax=ax, pad=0.01)
     cb.set_label("lattice units moved (sum over coordinates" + (", steps binned)" if len(col0) < len(s) else ")"))
     fig.suptitle(title or "Displacement in bf16 lattice units (dW / 2^(E-134)), tokens ordered by freeze step "
