@@ -108,20 +108,33 @@ def _to_float(u: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return u.view(np.float16 if dtype == torch.float16 else np.float32)
 
 
+_SCALE = np.ldexp(1.0, 134 - np.maximum(np.arange(256), 1))   # 1 / bf16 spacing by exponent field
+
+
 def _units_from_bits(prev: np.ndarray, cur: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """Lattice units moved per row (sum over the last axis) from canonical bit patterns.
 
-    bf16 fast path: two values with the same sign and exponent field are |bits difference|
-    lattice units apart (for E = 0 and E = 1 alike: both have spacing 2^-133); only the other
-    coordinates go through ``lattice_units``."""
+    bf16: two values with the same sign and exponent field are |bits difference| lattice units
+    apart (E = 0 and E = 1 alike: both have spacing 2^-133); the other coordinates take
+    |dW| * 2^(134 - max(E, 1)) in float64 (exact: a float64 difference of two bf16 values, times
+    a power of two), for the few of them, or for all when many values change binade."""
     if dtype != torch.bfloat16:
         return lattice_units(_to_float(prev, dtype), _to_float(cur, dtype)).sum(axis=-1)
-    other = np.flatnonzero((prev ^ cur) >= 0x80)   # sign or exponent differs: the general formula
-    d = np.abs((cur - prev).view(np.int16))         # exact |difference of bits| where sign and E agree
+    other = (prev ^ cur) >= 0x80                      # sign or exponent differs
+    n_other = int(np.count_nonzero(other))
+    if n_other * 8 > other.size:                      # many: the float64 formula for every value
+        diff = _to_float(cur, dtype).astype(np.float64)
+        diff -= _to_float(prev, dtype)
+        np.abs(diff, out=diff)
+        diff *= _SCALE[(prev >> 7) & 0xFF]
+        return diff.sum(axis=-1)
+    d = np.abs((cur - prev).view(np.int16))           # exact |difference of bits| where sign and E agree
     out = d.sum(axis=-1, dtype=np.int64).astype(np.float64)
-    if len(other):
-        r, k = np.unravel_index(other, prev.shape)
-        np.add.at(out, r, lattice_units(_to_float(prev[r, k], dtype), _to_float(cur[r, k], dtype)) - d[r, k])
+    if n_other:
+        r, k = np.nonzero(other)
+        p_, c_ = prev[r, k], cur[r, k]
+        units = np.abs(_to_float(c_, dtype).astype(np.float64) - _to_float(p_, dtype)) * _SCALE[(p_ >> 7) & 0xFF]
+        np.add.at(out, r, units - d[r, k])
     return out
 
 
