@@ -113,10 +113,10 @@ def toy_history(request) -> Path:
     sessions reuse it (about a minute to train)."""
     import hashlib
 
-    from embdist import toytrain
+    from embdist import toymodel, toytrain
 
-    key = hashlib.sha256(Path(toytrain.__file__).read_bytes() + toytrain.default_text_path().read_bytes()
-                         + torch.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(Path(toytrain.__file__).read_bytes() + Path(toymodel.__file__).read_bytes()
+                         + toytrain.default_text_path().read_bytes() + torch.__version__.encode()).hexdigest()[:16]
     folder = Path(request.config.cache.mkdir("embdist-toy-run"))
     path = folder / f"toy-1000-{key}.safetensors"
     if not path.is_file():

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from embdist import sources
-from embdist.sources import InputError
+from embdist.errors import InputError
 
 log = logging.getLogger(__name__)
 

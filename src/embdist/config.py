@@ -6,16 +6,18 @@ before any work starts.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from embdist.sources import InputError
+from embdist.errors import InputError
+from embdist.tasks import TASKS as _TASK_MODULES
 
 METRICS = ("euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine")
 DTYPES = ("float32", "float16", "bfloat16")
-TASKS = ("overdensity", "snapshots", "vocab")
+TASKS = tuple(_TASK_MODULES)  # one list: embdist.tasks.TASKS
 
 
 @dataclass
@@ -185,6 +187,19 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     seed: int = 0
+
+
+def build(container) -> Config:
+    """The typed config (validated) from a DictConfig or a plain dict (e.g. one saved in a shard)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(OmegaConf.structured(Config), container)
+    return OmegaConf.to_object(node)
+
+
+def as_dict(cfg: Config) -> dict:
+    """Plain nested dict of a typed config (JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
 
 
 def register() -> None:

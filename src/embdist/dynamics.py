@@ -5,7 +5,7 @@ checkpoints read one at a time give the same result (``Tracker.add`` takes any n
 at once; a checkpoint series feeds one, a (T, V, D) history feeds chunks of many).
 
 Per step t (rows compared bitwise in the stored dtype, -0.0 == +0.0, equal hashes verified:
-``embdist.groups.row_groups``, the project's one row-identity code):
+``embdist.rows``, the project's one row-identity code):
 
 * ``groups[t, i]``: the canonical id of token i's group, the smallest token id with an identical
   row (a (T, V) int32 array); ``distinct[t]`` the number of distinct vectors.
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from embdist import groups as rowid
+from embdist import rows
 
 METRICS = ("chebyshev", "euclidean")
 SMALL_V = 4096          # up to this many tokens the components come from per-step matrices
@@ -195,11 +195,11 @@ class Tracker:
         c, v, _ = x.shape
         if c == 0:
             return
-        bits = rowid._as_bits(x)                     # canonical row words (-0.0 -> +0.0)
+        bits = rows.canonical_bits(x)                     # canonical row words (-0.0 -> +0.0)
         elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)   # canonical bits per value
         if not _finite(x, elem):
             raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
-        labels = rowid.row_groups_of_bits(bits)
+        labels = rows.labels_of_bits(bits)
         if self.first_bits is None:
             self.first_bits = bits[0].copy()
             self.first_leave = np.full(v, -1, dtype=np.int64)
@@ -222,9 +222,9 @@ class Tracker:
         prev_elem = elem[:1] if self.prev_bits is None else self.prev_bits.view(elem.dtype).reshape(1, v, -1)
         disp = np.zeros((c, v))
         ss, rr = np.nonzero(changed)                 # only rows that moved
-        rows = max(1, _CHUNK_ELEMS // max(1, elem.shape[2]))
-        for k in range(0, len(ss), rows):
-            s_, r_ = ss[k:k + rows], rr[k:k + rows]
+        nrows = max(1, _CHUNK_ELEMS // max(1, elem.shape[2]))
+        for k in range(0, len(ss), nrows):
+            s_, r_ = ss[k:k + nrows], rr[k:k + nrows]
             before = np.where((s_ == 0)[:, None], prev_elem[0][r_], elem[np.maximum(s_ - 1, 0), r_])
             disp[s_, r_] = _units_from_bits(before, elem[s_, r_], x.dtype)
         # events

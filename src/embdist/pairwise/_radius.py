@@ -4,10 +4,10 @@
 ``row_groups``) and every pair (a, b), a < b, of representatives (distinct vectors) whose
 distance is <= radius, with that distance.
 
-How, and how exact: the streaming pass (``_stream.stream`` with ``near_radius``) emits the
+How, and how exact: the streaming pass (``stream.stream_pass`` with ``near_radius``) emits the
 candidate pairs of representatives within the radius from its tiles (Chebyshev: the engine's
 bit-exact float32 max, so exactly those pairs; Euclidean: the GEMM value with its proven error
-tolerance, so a superset); every candidate is then evaluated directly (``_exact_pairs``:
+tolerance, so a superset); every candidate is then evaluated directly (``stream._stats.exact_pairs``:
 Chebyshev the float32 max, Euclidean a float64 sum of float64 squares) and kept when <= radius.
 
 Prefilter (rows wider than ``2 * prefilter`` columns): a distance over a subset of the
@@ -24,7 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _stream
+from embdist import rows
+
+from .stream import STREAM_METRICS, stream_pass
+from .stream._bindings import _check_x, _lib
+from .stream._stats import exact_pairs
 
 __all__ = ["radius_pairs", "RadiusPairs", "exact_distances"]
 
@@ -68,20 +72,20 @@ def _expand(groups: np.ndarray, nd: np.ndarray, cap: int):
 
 
 def _candidates(x: torch.Tensor, metric: str, radius: float):
-    p = _stream.stream(x, metric, k=1, candidates=2, bins=1, near_radius=radius * (1 + _SLACK))
+    p = stream_pass(x, metric, k=1, candidates=2, bins=1, near_radius=radius * (1 + _SLACK))
     return p.groups, p.nd
 
 
 def radius_pairs(x: torch.Tensor, metric: str, radius: float, *, prefilter: int = 64,
                  max_candidates: int = 20_000_000) -> RadiusPairs:
     """Every pair of distinct rows of x (N, d) within ``radius`` (see the module doc)."""
-    if metric not in _stream.STREAM_METRICS:
-        raise ValueError(f"radius_pairs supports {', '.join(_stream.STREAM_METRICS)}, not {metric!r}")
+    if metric not in STREAM_METRICS:
+        raise ValueError(f"radius_pairs supports {', '.join(STREAM_METRICS)}, not {metric!r}")
     if not (radius >= 0 and np.isfinite(radius)):
         raise ValueError(f"radius must be a finite value >= 0, got {radius}")
-    x = _stream._check_x(x)
-    lib = _stream._lib()
-    groups = _stream.row_groups(x)
+    x = _check_x(x)
+    lib = _lib()
+    groups = rows.row_groups(x)
     reps = np.flatnonzero(groups == np.arange(len(groups)))
     xr = x[torch.from_numpy(reps)].contiguous() if len(reps) < len(groups) else x
     n, d = xr.shape
@@ -101,7 +105,7 @@ def radius_pairs(x: torch.Tensor, metric: str, radius: float, *, prefilter: int 
             a, b = np.minimum(nd[:, 0], nd[:, 1]), np.maximum(nd[:, 0], nd[:, 1])
         else:
             a = b = np.zeros(0, np.int64)
-    q = _stream._exact_pairs(lib, xr, 0 if metric == "euclidean" else 1, a, b)
+    q = exact_pairs(lib, xr, 0 if metric == "euclidean" else 1, a, b)
     dist = np.sqrt(q)
     keep = dist <= radius
     a, b, dist = reps[a[keep]], reps[b[keep]], dist[keep]
@@ -112,6 +116,6 @@ def radius_pairs(x: torch.Tensor, metric: str, radius: float, *, prefilter: int 
 def exact_distances(x: torch.Tensor, metric: str, a, b) -> np.ndarray:
     """Distances of the row pairs (a[k], b[k]) of x, evaluated directly (Chebyshev: the
     engine's float32 max; Euclidean: float64), as float64."""
-    x = _stream._check_x(x)
+    x = _check_x(x)
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
-    return np.sqrt(_stream._exact_pairs(_stream._lib(), x, 0 if metric == "euclidean" else 1, a, b))
+    return np.sqrt(exact_pairs(_lib(), x, 0 if metric == "euclidean" else 1, a, b))

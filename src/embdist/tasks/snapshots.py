@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from embdist import checkpoints, groups, pairwise as engine, paths, plots, sources, store, tables
+from embdist import checkpoints, pairwise as engine, paths, plots, rows, sources, store, tables
 from embdist.tasks import snapshots_dynamics
 from embdist.tracking import RunLog
 
@@ -129,7 +129,7 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
     steps = list(range(t)) if steps is None else list(steps)
     n_pairs = v * (v - 1) // 2
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
-    distinct = groups.distinct_vectors_per_step(history)  # its series is logged with the dynamics
+    distinct = rows.distinct_per_step(history)  # its series is logged with the dynamics
     log.info("Computing %s distances for %s snapshots of %d tokens", " and ".join(metrics), f"{t:,}", v)
     with rl.stage("pairwise"):  # one fused pass over every snapshot for all metrics
         out = {m: mapped.tensors[f"{m}_distances"] for m in metrics} if mapped else None
@@ -174,7 +174,7 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
         rl.table(tables.write_csv(out_dir / "snapshots.csv", columns))
         rl.plot(plots.snapshot_curves(curves, distinct, out_dir / "snapshot_curves.png", steps=steps,
                                       title=f"{cfg.history.name}: {t:,} snapshots of {v} tokens"))
-        final_groups = groups.duplicate_groups(history[-1])
+        final_groups = rows.duplicate_groups(history[-1])
         if final_groups:
             rl.plot(plots.group_sizes([len(g) for g in final_groups], out_dir / "group_sizes.png"))
     log.info("Distinct vectors: %d at step 0, %d at the final step", distinct[0], distinct[-1])
