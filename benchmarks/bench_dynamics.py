@@ -147,6 +147,7 @@ while True:
     read += time.perf_counter() - r0
     tr.add(step, m.tensor)
     del m
+    print(f"  step {step}: {time.perf_counter() - t0:.1f} s so far, reading {read:.1f} s", file=sys.stderr, flush=True)
 dy = tr.result()
 total = time.perf_counter() - t0
 thr = float(sys.argv[2])
@@ -165,8 +166,10 @@ def row2(n_ckpt: int, v: int, d: int) -> None:
         write_series(Path(tmp), n_ckpt, v, d)
         print(f"\n(wrote {n_ckpt} checkpoints of {v:,} x {d} bf16 in {time.perf_counter() - t0:.0f} s)", flush=True)
         env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p = subprocess.run([sys.executable, "-c", CHILD, tmp, repr(THRESHOLDS[0])], capture_output=True, text=True,
-                           env=env, check=True)
+        p = subprocess.run([sys.executable, "-c", CHILD, tmp, repr(THRESHOLDS[0])], stdout=subprocess.PIPE, text=True,
+                           env=env)                     # its progress lines go to our stderr
+        if p.returncode:
+            raise SystemExit("the measured process failed (its messages are above)")
         r = json.loads(p.stdout.strip().splitlines()[-1])
     budget_mb = 2 * v * d * 4 / 2**20 + 1024
     # planted: the dead group (2,000 rows) splits at index 5 and 12, 100 pairs merge at index 20

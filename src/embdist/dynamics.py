@@ -112,7 +112,8 @@ _SCALE = np.ldexp(1.0, 134 - np.maximum(np.arange(256), 1))   # 1 / bf16 spacing
 
 
 def _units_from_bits(prev: np.ndarray, cur: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """Lattice units moved per row (sum over the last axis) from canonical bit patterns.
+    """Lattice units moved per row (sum over the last axis) from canonical bit patterns (any
+    leading shape).
 
     bf16: two values with the same sign and exponent field are |bits difference| lattice units
     apart (E = 0 and E = 1 alike: both have spacing 2^-133); the other coordinates take
@@ -131,10 +132,11 @@ def _units_from_bits(prev: np.ndarray, cur: np.ndarray, dtype: torch.dtype) -> n
     d = np.abs((cur - prev).view(np.int16))           # exact |difference of bits| where sign and E agree
     out = d.sum(axis=-1, dtype=np.int64).astype(np.float64)
     if n_other:
-        r, k = np.nonzero(other)
-        p_, c_ = prev[r, k], cur[r, k]
+        idx = np.flatnonzero(other)
+        p_, c_ = prev.reshape(-1)[idx], cur.reshape(-1)[idx]
         units = np.abs(_to_float(c_, dtype).astype(np.float64) - _to_float(p_, dtype)) * _SCALE[(p_ >> 7) & 0xFF]
-        np.add.at(out, r, units - d[r, k])
+        fix = np.bincount(idx // prev.shape[-1], weights=units - d.reshape(-1)[idx], minlength=out.size)
+        out += fix.reshape(out.shape)
     return out
 
 
@@ -208,8 +210,9 @@ class Tracker:
         idx = self.t + np.arange(c)
         # first step off the step-0 row, last change
         differs0 = (bits != self.first_bits[None]).any(axis=2)
-        prev_bits = bits[:1] if self.prev_bits is None else self.prev_bits[None]
-        changed = (bits != np.concatenate([prev_bits, bits[:-1]])).any(axis=2)
+        changed = np.empty((c, v), dtype=bool)
+        changed[0] = False if self.prev_bits is None else (bits[0] != self.prev_bits).any(axis=1)
+        changed[1:] = (bits[1:] != bits[:-1]).any(axis=2)
         for mask, arr, pick in ((differs0, self.first_leave, "first"), (changed, self.freeze, "last")):
             hit = mask.any(axis=0)
             if pick == "first":
@@ -219,14 +222,13 @@ class Tracker:
                 arr[hit] = idx[c - 1 - mask[::-1].argmax(axis=0)[hit]]
         self.n_changes += changed.sum(axis=0)
         # displacement in lattice units, chunked to bound the temporaries
-        prev_elem = elem[:1] if self.prev_bits is None else self.prev_bits.view(elem.dtype).reshape(1, v, -1)
-        disp = np.zeros((c, v))
-        ss, rr = np.nonzero(changed)                 # only rows that moved
-        nrows = max(1, _CHUNK_ELEMS // max(1, elem.shape[2]))
-        for k in range(0, len(ss), nrows):
-            s_, r_ = ss[k:k + nrows], rr[k:k + nrows]
-            before = np.where((s_ == 0)[:, None], prev_elem[0][r_], elem[np.maximum(s_ - 1, 0), r_])
-            disp[s_, r_] = _units_from_bits(before, elem[s_, r_], x.dtype)
+        disp = np.zeros((c, v))                      # unchanged rows: equal bits, 0 units
+        nsteps = max(1, _CHUNK_ELEMS // max(1, v * elem.shape[2]))
+        if self.prev_bits is not None:
+            disp[0] = _units_from_bits(self.prev_bits.view(elem.dtype).reshape(v, -1), elem[0], x.dtype)
+        for s0 in range(1, c, nsteps):               # consecutive steps as views: no gathers
+            s1 = min(c, s0 + nsteps)
+            disp[s0:s1] = _units_from_bits(elem[s0 - 1:s1 - 1], elem[s0:s1], x.dtype)
         # events
         prev_labels = labels[:1] if self.prev_labels is None else self.prev_labels[None]
         before = np.concatenate([prev_labels, labels[:-1]])
