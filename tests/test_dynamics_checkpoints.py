@@ -120,3 +120,10 @@ def test_checkpoint_of_another_shape_is_one_line(home, tmp_path):
 def test_checkpoint_spec_errors(spec, message):
     with pytest.raises(checkpoints.InputError, match=message):
         checkpoints.resolve(spec)
+
+
+def test_checkpoint_series_not_given_is_one_line(home):
+    p = run_embdist("experiment=checkpoints", "task.progress=false", home=home, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "needs the series: set history.checkpoints=" in p.stderr
+    assert not (home / "data").exists()                                 # nothing trained instead

@@ -82,6 +82,12 @@ def lineage(dy, path: str | os.PathLike, labels=None, log_step: bool = False, ti
         shared = np.flatnonzero(best > 1)
         tokens = np.sort(shared[np.argsort(-best[shared], kind="stable")[:MAX_LINEAGE_TOKENS]])
     order = tokens[lineage_order(groups, tokens)]
+    if len(order) == 0:                   # no token ever shares a vector: nothing to draw but the fact
+        fig = _figure(10, 3, dpi)
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, f"no two of the {_fmt(v)} tokens share a vector at any step", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, path)
     g = groups[:, order]
     change = np.flatnonzero((g[1:] != g[:-1]).any(axis=1)) + 1
     starts = np.concatenate(([0], change))

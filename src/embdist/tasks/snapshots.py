@@ -61,6 +61,9 @@ def want_matrices(cfg, shape, n_metrics: int, out_dir: Path) -> bool:
 
 def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     entries = steps = history = None
+    if not cfg.history.checkpoints and cfg.history.name == "checkpoints":
+        raise sources.InputError("history=checkpoints (experiment=checkpoints) needs the series: set "
+                                 "history.checkpoints='/runs/NAME/step*' or a list of [step, path] pairs")
     if cfg.history.checkpoints:  # a series of checkpoints, read one at a time
         entries = checkpoints.resolve(cfg.history.checkpoints)
         steps = [s for s, _ in entries]
