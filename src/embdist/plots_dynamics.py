@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.collections import PatchCollection
 from matplotlib.colors import LogNorm
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from embdist.plots import DPI, _figure, _fmt, _save
 
@@ -52,6 +53,7 @@ def dynamics_curves(dy, path: str | os.PathLike, log_step: bool = False, title: 
     bottom.vlines(s, 0, -dy.merges, color="#1f77b4", lw=1.2, label=f"merge ({_fmt(dy.merges.sum())}, drawn below 0)")
     bottom.axhline(0, color="grey", lw=0.5)
     bottom.set_ylabel("events per step")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.legend(loc="best", fontsize=9)
     bottom.grid(True, lw=0.3, alpha=0.5)
     _step_axis(bottom, log_step, s)
@@ -141,6 +143,7 @@ def freeze_histogram(dy, path: str | os.PathLike, log_step: bool = False, title:
             edges = np.linspace(lo, hi + 1, min(80, max(2, len(dy.steps))) + 1)
         ax.hist(fs, bins=edges, color="#2ca02c", edgecolor="white", linewidth=0.3)
     ax.set_ylabel("tokens")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     _step_axis(ax, log_step, dy.steps)
     ax.grid(True, axis="y", lw=0.3, alpha=0.5)
     ax.set_title(f"{_fmt(int(moved.sum()))} tokens moved, {_fmt(never)} never changed; "
