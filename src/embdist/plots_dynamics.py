@@ -47,6 +47,7 @@ def dynamics_curves(dy, path: str | os.PathLike, log_step: bool = False, title: 
     for thr, c in dy.components.items():
         top.plot(s, c["count"], lw=1.2, label=f"components, {dy.metric} <= {thr:g}")
     top.set_ylabel("count")
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.legend(loc="best", fontsize=9)
     top.grid(True, lw=0.3, alpha=0.5)
     bottom.vlines(s, 0, dy.fissions, color="#d62728", lw=1.2, label=f"fission ({_fmt(dy.fissions.sum())})")
