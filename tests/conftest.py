@@ -104,3 +104,21 @@ def assert_png(path: Path) -> None:
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     assert img[..., :3].std() > 0.02, f"{path} looks blank"
     assert len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 20, f"{path} has too few colours"
+
+
+@pytest.fixture(scope="session")
+def toy_history(request) -> Path:
+    """The bundled toy run (1,000 steps, seed 0: what task=snapshots trains by default), trained
+    once and kept in pytest's cache folder, keyed by the trainer's source and text, so later
+    sessions reuse it (about a minute to train)."""
+    import hashlib
+
+    from embdist import toymodel, toytrain
+
+    key = hashlib.sha256(Path(toytrain.__file__).read_bytes() + Path(toymodel.__file__).read_bytes()
+                         + toytrain.default_text_path().read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    folder = Path(request.config.cache.mkdir("embdist-toy-run"))
+    path = folder / f"toy-1000-{key}.safetensors"
+    if not path.is_file():
+        toytrain.train_snapshots(path, steps=1000, seed=0, progress=False)
+    return path

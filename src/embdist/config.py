@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -28,6 +28,7 @@ class TaskConfig:
     progress: bool = True
     memory_limit_gb: Optional[float] = None  # plan at most this much for the matrices (null: what is free)
     out_of_core: bool = False  # write the matrices straight into the output file through a memory map (larger than RAM)
+    matrices: Optional[bool] = None  # snapshots: the (T, V, V) matrices (null: when they fit in memory)
 
     def __post_init__(self):
         if self.name not in TASKS:
@@ -106,6 +107,26 @@ class HistoryConfig:
     vocab_size: Optional[int] = None  # mismatch: an error (as the seed)
     hidden_dim: Optional[int] = None
     toy_steps: int = 1000  # length of the bundled run when it has to be trained
+    # a series of checkpoints instead of path: a glob or list of folders / .safetensors files
+    # (step parsed from the name: step1000, checkpoint-1000, revision=step1000), or [step, path] pairs
+    checkpoints: Any = None
+
+
+@dataclass
+class DynamicsConfig:
+    """snapshots: groups, events, per-token moves and components at distance thresholds (embdist.dynamics)."""
+    metric: str = "chebyshev"  # chebyshev | euclidean: the components' distance
+    thresholds: List[float] = field(default_factory=lambda: [0.015625])  # join tokens within this distance (2 * 2^-7)
+    log_step: bool = False  # plots against a logarithmic step axis
+
+    def __post_init__(self):
+        if self.metric not in ("chebyshev", "euclidean"):
+            raise InputError(f"dynamics.metric={self.metric!r} is unknown; choose chebyshev or euclidean")
+        if len(self.thresholds) > 8:
+            raise InputError(f"dynamics.thresholds has {len(self.thresholds)} values; at most 8")
+        for x in self.thresholds:
+            if not (x >= 0 and x != float("inf")):
+                raise InputError(f"dynamics.thresholds value {x} is not a finite distance >= 0")
 
 
 @dataclass
@@ -164,6 +185,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     seed: int = 0
 
 

@@ -102,6 +102,42 @@ def _labels(bits: np.ndarray, h: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _labels_steps(bits: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Labels of every step of (c, n, k) canonical bits with hashes (c, n), vectorised over the
+    steps: sort each step's rows by hash (stable: ascending index within a hash), a run of equal
+    hashes and equal adjacent rows gets its first (smallest) index; a step where one hash run
+    holds different rows (a collision) is redone exactly with ``_labels``."""
+    c, n, k = bits.shape
+    cols = np.arange(n)
+    order = np.argsort(h, axis=1, kind="stable")
+    hs = np.take_along_axis(h, order, axis=1)
+    srt = np.take_along_axis(bits, order[:, :, None], axis=1)
+    same_hash = hs[:, 1:] == hs[:, :-1]
+    same_row = (srt[:, 1:] == srt[:, :-1]).all(axis=2) if k else np.ones_like(same_hash)
+    start = np.ones(order.shape, dtype=bool)
+    start[:, 1:] = ~(same_hash & same_row)
+    first = np.take_along_axis(order, np.maximum.accumulate(np.where(start, cols, 0), axis=1), axis=1)
+    labels = np.empty_like(order)
+    np.put_along_axis(labels, order, first, axis=1)
+    for j in np.flatnonzero((same_hash & ~same_row).any(axis=1)):
+        labels[j] = _labels(bits[j], h[j])
+    return labels
+
+
+def labels_of_bits(bits: np.ndarray, chunk_steps: int | None = None) -> np.ndarray:
+    """Labels (int64) from ``canonical_bits``: (n, k) -> (n,); (T, n, k) -> (T, n), in chunks of
+    steps (about 4M words at a time)."""
+    if bits.ndim == 2:
+        return _labels(bits, hash_rows(bits))
+    t, n, k = bits.shape
+    out = np.empty((t, n), dtype=np.int64)
+    step = chunk_steps or max(1, _CHUNK_WORDS // max(1, n * k))
+    for s in range(0, t, step):
+        blk = bits[s:s + step]
+        out[s:s + len(blk)] = _labels_steps(blk, hash_rows(blk)) if n else 0
+    return out
+
+
 def _nan_rows(x) -> np.ndarray | None:
     a = x.detach().cpu() if hasattr(x, "detach") else np.asarray(x)
     if hasattr(a, "is_floating_point"):
@@ -114,12 +150,7 @@ def row_groups(x, nan_equal: bool = True) -> np.ndarray:
     bits = canonical_bits(x)
     if bits.ndim not in (2, 3):
         raise ValueError(f"row_groups needs a (rows, dims) matrix or a (steps, rows, dims) history, got shape {tuple(np.shape(x))}")
-    h = hash_rows(bits)
-    if bits.ndim == 2:
-        labels = _labels(bits, h)
-    else:
-        labels = np.stack([_labels(bits[t], h[t]) for t in range(bits.shape[0])]) if bits.shape[0] else \
-            np.zeros((0, bits.shape[1]), dtype=np.int64)
+    labels = labels_of_bits(bits)
     if not nan_equal:
         nan = _nan_rows(x)
         if nan is not None and nan.any():

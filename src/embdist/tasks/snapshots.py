@@ -5,7 +5,10 @@ import contextlib
 import logging
 from pathlib import Path
 
-from embdist import pairwise as engine, paths, plots, rows, sources, store, tables
+import torch
+
+from embdist import checkpoints, pairwise as engine, paths, plots, rows, sources, store, tables
+from embdist.tasks import snapshots_dynamics
 from embdist.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -40,18 +43,67 @@ def validate(shape, h) -> None:
         )
 
 
+def want_matrices(cfg, shape, n_metrics: int, out_dir: Path) -> bool:
+    """task.matrices, or (null) whether the (T, V, V) matrices fit in memory and on disk."""
+    if cfg.task.matrices is not None:
+        return bool(cfg.task.matrices)
+    t, v, _ = shape
+    per_metric = t * v * v
+    try:
+        store.check_fits(0 if cfg.task.out_of_core else per_metric * 4 * n_metrics,
+                         per_metric * store.DTYPES[cfg.task.dtype].itemsize * n_metrics, out_dir, "",
+                         cfg.task.memory_limit_gb)
+        return True
+    except sources.InputError as e:
+        log.info("No distance matrices (task.matrices=null and they do not fit: %s); computing the dynamics only", e)
+        return False
+
+
 def run(cfg, rl: RunLog, out_dir: Path) -> dict:
-    path = history_path(cfg)
-    with rl.stage("load"):
-        history = sources.load_history(path, cfg.history.tensor)
-    t, v, d = history.shape
-    log.info("Loaded %s from %s: %s %s", cfg.history.tensor, path, tuple(history.shape), history.dtype)
-    rl.tag("embdist.history_file", Path(path).resolve())
-    validate(history.shape, cfg.history)
+    entries = steps = history = None
+    if not cfg.history.checkpoints and cfg.history.name == "checkpoints":
+        raise sources.InputError("history=checkpoints (experiment=checkpoints) needs the series: set "
+                                 "history.checkpoints='/runs/NAME/step*' or a list of [step, path] pairs")
+    if cfg.history.checkpoints:  # a series of checkpoints, read one at a time
+        entries = checkpoints.resolve(cfg.history.checkpoints)
+        steps = [s for s, _ in entries]
+        with rl.stage("load"):
+            first = sources.load_matrix(entries[0][1], cfg.model.tensor)
+        shape, path = (len(entries), *first.tensor.shape), Path(entries[0][1])
+        log.info("%d checkpoints, steps %d..%d, %s %s", len(entries), steps[0], steps[-1], first.name, tuple(shape[1:]))
+        rl.tag("embdist.checkpoints", f"{len(entries)} checkpoints, steps {steps[0]}..{steps[-1]}: {path} ...")
+        del first
+    else:
+        path = history_path(cfg)
+        with rl.stage("load"):
+            history = sources.load_history(path, cfg.history.tensor)
+        shape = tuple(history.shape)
+        log.info("Loaded %s from %s: %s %s", cfg.history.tensor, path, shape, history.dtype)
+        rl.tag("embdist.history_file", Path(path).resolve())
+    t, v, d = shape
+    validate(shape, cfg.history)
     n_pairs = v * (v - 1) // 2
     rl.metrics({"n_steps": t, "n_tokens": v, "n_pairs": n_pairs})
 
     metrics = list(cfg.metric.names)
+    summary, reuse = {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
+    matrices = want_matrices(cfg, shape, len(metrics), out_dir)
+    rl.tag("embdist.matrices", matrices)
+    if matrices:
+        if history is None:
+            with rl.stage("load"):
+                history = torch.stack([m.tensor for _, m in checkpoints.read_series(entries, cfg.model.tensor)])
+        summary = matrices_run(cfg, rl, out_dir, path, history, metrics, steps, reuse)
+    with rl.stage("dynamics"):
+        dy = snapshots_dynamics.compute(cfg, history, entries, steps, reuse.get(cfg.dynamics.metric))
+    strings = snapshots_dynamics.token_strings(cfg, v, entries, byte_labels(v))
+    summary["dynamics"] = snapshots_dynamics.report(cfg, rl, out_dir, dy, strings, cfg.history.name)
+    return summary
+
+
+def matrices_run(cfg, rl: RunLog, out_dir: Path, path, history, metrics, steps, reuse) -> dict:
+    """The seed's outputs: the (T, V, V) matrices, curves and summaries."""
+    t, v, _ = history.shape
     dtype = store.DTYPES[cfg.task.dtype]
     per_metric = t * v * v
     ooc = cfg.task.out_of_core
@@ -59,7 +111,7 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
                      per_metric * dtype.itemsize * len(metrics), out_dir,
                      "analyse fewer snapshots" if ooc else
                      "store task.dtype=float16, write the matrices to disk with task.out_of_core=true, "
-                     "or analyse fewer snapshots", cfg.task.memory_limit_gb)
+                     "analyse fewer snapshots, or set task.matrices=false (the dynamics only)", cfg.task.memory_limit_gb)
 
     with contextlib.ExitStack() as stack:
         mapped = None
@@ -68,18 +120,19 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
             specs = {f"{metric}_distances": (dtype, (t, v, v)) for metric in metrics}
             mapped = stack.enter_context(store.MappedSafetensors(out_dir / OUTPUT, specs, meta))
             log.info("Writing the matrices in place into %s (task.out_of_core=true)", mapped.tmp)
-        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped)
+        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped, steps, reuse)
     return summary
 
 
-def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped) -> dict:
+def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped, steps=None,
+            reuse: dict | None = None) -> dict:
     """Distances for every snapshot (into the memory-mapped file when given), per-step
-    statistics, curves, pictures and tables."""
+    statistics, curves, pictures and tables. ``reuse`` receives the float32 matrices in memory."""
     t, v, _ = history.shape
+    steps = list(range(t)) if steps is None else list(steps)
     n_pairs = v * (v - 1) // 2
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
-    distinct = rows.distinct_per_step(history)
-    rl.series("distinct_vectors", distinct.tolist())
+    distinct = rows.distinct_per_step(history)  # its series is logged with the dynamics
     log.info("Computing %s distances for %s snapshots of %d tokens", " and ".join(metrics), f"{t:,}", v)
     with rl.stage("pairwise"):  # one fused pass over every snapshot for all metrics
         out = {m: mapped.tensors[f"{m}_distances"] for m in metrics} if mapped else None
@@ -92,10 +145,10 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
             final = engine.upper_triangle_stats(dist[-1])
             initial = engine.upper_triangle_stats(dist[0])
         for k in ("min", "mean", "max"):
-            rl.series(f"{metric}/{k}", per_step[k].tolist())
-        rl.series(f"{metric}/zero_pairs", per_step["zero_pairs"].tolist())
+            rl.series(f"{metric}/{k}", per_step[k].tolist(), steps)
+        rl.series(f"{metric}/zero_pairs", per_step["zero_pairs"].tolist(), steps)
         # The series end at the final step, so the run's latest values are the final snapshot's.
-        rl.metrics({f"{metric}/median": final["median"]}, step=t - 1)
+        rl.metrics({f"{metric}/median": final["median"]}, step=steps[-1])
         rl.metrics({f"{metric}/initial_{k}": initial[k] for k in ("min", "mean", "max")})
         log.info("%s: initial (step 0) min=%.6f, max=%.6f, mean=%.6f", metric, initial["min"], initial["max"], initial["mean"])
         log.info("%s: final (step %d) min=%.6f, max=%.6f, mean=%.6f", metric, t - 1, final["min"], final["max"], final["mean"])
@@ -108,6 +161,8 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
             rl.plot(plots.clustered_heatmap(dist[-1], out_dir / f"{metric}_final_heatmap.png", metric=metric,
                                             labels=byte_labels(v), title=f"{metric} distances at step {t - 1}, clustered"))
         tensors[f"{metric}_distances"] = dist
+        if reuse is not None and mapped is None and dist.dtype == torch.float32:
+            reuse[metric] = dist
 
     with rl.stage("save"):
         out = mapped.commit() if mapped else store.save_atomic(
@@ -116,11 +171,11 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
     log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1e6)
 
     with rl.stage("report"):
-        columns = {"step": list(range(t)), "distinct_vectors": distinct.tolist()}
+        columns = {"step": steps, "distinct_vectors": distinct.tolist()}
         for metric, per_step in curves.items():
             columns.update({f"{metric}_{k}": per_step[k].tolist() for k in ("min", "mean", "max", "zero_pairs")})
         rl.table(tables.write_csv(out_dir / "snapshots.csv", columns))
-        rl.plot(plots.snapshot_curves(curves, distinct, out_dir / "snapshot_curves.png",
+        rl.plot(plots.snapshot_curves(curves, distinct, out_dir / "snapshot_curves.png", steps=steps,
                                       title=f"{cfg.history.name}: {t:,} snapshots of {v} tokens"))
         final_groups = rows.duplicate_groups(history[-1])
         if final_groups:

@@ -97,10 +97,16 @@ class _Acc(threading.local):
 
 def stream_pass(x: torch.Tensor, metric: str = "euclidean", *, k: int = 10, radii=(), bins: int = 65536,
            hist_max: float | None = None, near_steps: int | None = None, shard=(0, 1),
-           candidates: int | None = None, progress: bool = False) -> StreamPartial:
-    """One pass over the tiles of shard ``shard`` of x's upper triangle (see the module doc)."""
+           candidates: int | None = None, progress: bool = False, near_radius: float | None = None) -> StreamPartial:
+    """One pass over the tiles of shard ``shard`` of x's upper triangle (see the module doc).
+
+    ``near_radius`` (instead of ``near_steps``): the candidate pairs ``partial.nd`` are then the
+    pairs of representatives within that absolute distance (Chebyshev: exactly; Euclidean: a
+    superset, the GEMM tolerance added; verify with ``exact_pairs``)."""
     radii = tuple(float(r) for r in radii)
     _check_args(metric, k, radii, bins, hist_max, near_steps, shard)
+    if near_radius is not None and (near_steps is not None or not (near_radius >= 0 and math.isfinite(near_radius))):
+        raise ValueError(f"near_radius must be a finite value >= 0 and excludes near_steps, got {near_radius}")
     x = _check_x(x)
     lib = _lib()
     n, d = x.shape
@@ -128,7 +134,9 @@ def stream_pass(x: torch.Tensor, metric: str = "euclidean", *, k: int = 10, radi
               4 * TOLQ if metric == "euclidean" else 0.0]
     sp[5:5 + len(radii)] = np.square(np.array(radii, dtype=np.float64))
     ndthr = None
-    if nsteps and mine:
+    if near_radius is not None and mine:
+        ndthr = np.full(n, float(near_radius) ** 2)
+    elif nsteps and mine:
         ndthr = np.zeros(n)
         code = 0 if metric == "euclidean" else 1
         _cpu.run_parallel(_chunks(n), lambda r: lib.emb_stream_nd_bound(_ptr(x), dt, n, d, nsteps, code, r[0], r[1],
