@@ -24,9 +24,9 @@ config.register()
 
 
 def run_task(cfg: DictConfig) -> dict:
-    from embdist.tasks import overdensity, snapshots, vocab
+    from embdist.tasks import overdensity, snapshots, survey, vocab
 
-    tasks = {"overdensity": overdensity, "snapshots": snapshots, "vocab": vocab}
+    tasks = {"overdensity": overdensity, "snapshots": snapshots, "vocab": vocab, "survey": survey}
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     if not sweep:  # a single run refuses a bad value before any MLflow run exists

@@ -112,7 +112,17 @@ def override_line(box: dict) -> str:
 def _num(v: float) -> str:
     if math.isinf(v):
         return ".inf" if v > 0 else "-.inf"
-    return f"{v:.6g}"
+    return f"{v:.12g}"
+
+
+def outward(box: dict) -> dict:
+    """The box rounded outwards to 1e-4 degree and 1e-6 in r, so its printed numbers hold
+    every token the exact box holds (a wrapping box stays wrapping)."""
+    d, e = 1e4, 1e-6
+    out = {"lat_min": max(-90.0, math.floor(box["lat_min"] * d) / d), "lat_max": min(90.0, math.ceil(box["lat_max"] * d) / d),
+           "lon_min": max(-180.0, math.floor(box["lon_min"] * d) / d), "lon_max": min(180.0, math.ceil(box["lon_max"] * d) / d),
+           "r_min": max(0.0, math.floor(box["r_min"] / e) * e), "r_max": math.ceil(box["r_max"] / e) * e}
+    return {k: float(f"{v:.12g}") for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------ sphere tools
@@ -414,6 +424,7 @@ def _region(c, theta, sky, bg, core_sig) -> Region | None:
     clat, clon = (float(v) for v in lat_lon(c))
     box = _core_box(u[core], lat[rows[core]], c, clat, clon)
     box["r_min"], box["r_max"] = float(r[rows[core]].min()), float(r[rows[core]].max())
+    box = outward(box)
     members = np.flatnonzero(in_box(lat, lon, r, box))
     r_frac = _frac_in(r_ann, box["r_min"], box["r_max"]) if len(r_ann) >= 5 else 1.0
     expected = bg.in_box(box) * r_frac

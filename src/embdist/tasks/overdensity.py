@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from embdist import geometry, groups, pairwise as engine, plots, sources, store, tables, tokens
+from embdist.tasks import survey
 from embdist.pairwise import nearest_neighbours
 from embdist.tracking import RunLog
 
@@ -48,7 +49,7 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     vec = {k: geometry.pc_vector(pcs, cfg.basis[k]) for k in ("north", "meridian", "equinox")}
     with rl.stage("sky"):
         sky = geometry.sky_coordinates(w, vec["north"], vec["meridian"], vec["equinox"])
-        box = dict(cfg.bbox)
+        box = survey.resolve_box(cfg, sky, rl)  # the bbox's numbers, or bbox=auto's region
         ids = torch.where(geometry.in_box(sky, **box))[0]
     n = len(ids)
     log.info("Found %s tokens in bounding box %s", f"{n:,}", box)
@@ -145,6 +146,12 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
                                     f"equinox PC{cfg.basis.equinox})"))
         if dup:
             rl.plot(plots.group_sizes([len(g) for g in dup], out_dir / "group_sizes.png"))
+        all_ids = np.arange(len(sky.lat)) if kept is None else kept.numpy()  # the same page as task=survey, its box drawn
+        every = tokens.describe_tokens(tok, all_ids)
+        page = survey.write_html(out_dir / "sky_map.html", all_ids, sky, [t.string for t in every],
+                                 [t.category for t in every], survey.group_labels(w), [], box,
+                                 f"{cfg.model.name}: PCA sky and the box")
+        rl.artifact(page, "html")
     return summary
 
 

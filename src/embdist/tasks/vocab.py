@@ -32,7 +32,7 @@ PLOT_BINS = 400
 MEMBERS_SHOWN = 8
 
 
-def load_selection(cfg):
+def load_selection(cfg, rl=None):
     """The matrix rows to analyse (stored dtype) and their token ids; the LoadedMatrix."""
     path = cfg.model.path or sources.packaged_minilm_path()
     m = sources.load_matrix(path, cfg.model.tensor)
@@ -43,7 +43,9 @@ def load_selection(cfg):
         pcs = geometry.pca(w)
         vec = {k: geometry.pc_vector(pcs, cfg.basis[k]) for k in ("north", "meridian", "equinox")}
         sky = geometry.sky_coordinates(w, vec["north"], vec["meridian"], vec["equinox"])
-        sel = torch.where(geometry.in_box(sky, **dict(cfg.bbox)))[0]
+        from embdist.tasks import survey  # the bbox's numbers, or bbox=auto's region
+
+        sel = torch.where(geometry.in_box(sky, **survey.resolve_box(cfg, sky, rl)))[0]
         if len(sel) < 2:
             raise sources.InputError(f"the bounding box selects {len(sel)} token(s) of {w.shape[0]:,}; widen the bbox "
                                      "or set vocab.use_bbox=false")
@@ -74,7 +76,7 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         raise sources.InputError(f"task=vocab runs on the CPU (native kernels); set task.device=cpu, not {cfg.task.device!r}")
     v, sh = cfg.vocab, cfg.shard
     with rl.stage("load"):
-        x, ids, m = load_selection(cfg)
+        x, ids, m = load_selection(cfg, rl)
     n, dim = x.shape
     log.info("Loaded %s from %s: %s %s; analysing %s rows", m.name, m.path, tuple(m.tensor.shape), x.dtype, f"{n:,}")
     rl.tag("embdist.tensor", m.name)
