@@ -421,6 +421,10 @@ def _region(c, theta, sky, bg, core_sig) -> Region | None:
     core = cand[np.isin(comp, np.unique(comp[in_cap]))]
     if len(core) < 2:
         return None
+    # The edge of a spike is sparser than its middle: the tokens (of the r range) within half
+    # the linking length of the dense core belong to it too.
+    dist, _ = cKDTree(u[core]).query(u[pts], distance_upper_bound=chord(rho / 2))
+    core = np.union1d(core, pts[np.isfinite(dist)])
     clat, clon = (float(v) for v in lat_lon(c))
     box = _core_box(u[core], lat[rows[core]], c, clat, clon)
     box["r_min"], box["r_max"] = float(r[rows[core]].min()), float(r[rows[core]].max())
@@ -442,10 +446,12 @@ def _frac_in(sorted_r: np.ndarray, lo: float, hi: float) -> float:
 
 def _best_r_interval(r_cap_sorted: np.ndarray, r_ann_sorted: np.ndarray, b_cap: float) -> tuple[float, float]:
     """The r interval (ends at quantiles of the cap's r) where the cap's tokens stand most
-    significantly above the background's r distribution (from the surroundings)."""
+    significantly above the background's r distribution (from the surroundings), widened by a
+    quarter of its width on each side: the most significant cut of a Gaussian spike is about
+    +/-2 sigma, the widened one +/-3 sigma, so the spike's tails stay in."""
     if len(r_ann_sorted) < 5:
         return float(r_cap_sorted[0]), float(r_cap_sorted[-1])
-    q = np.unique(np.quantile(r_cap_sorted, np.linspace(0, 1, 41)))
+    q = np.unique(np.quantile(r_cap_sorted, np.linspace(0, 1, 61)))
     lo, hi = np.meshgrid(q, q, indexing="ij")
     keep = lo <= hi
     lo, hi = lo[keep], hi[keep]
@@ -453,12 +459,12 @@ def _best_r_interval(r_cap_sorted: np.ndarray, r_ann_sorted: np.ndarray, b_cap: 
     m = np.searchsorted(r_ann_sorted, hi, "right") - np.searchsorted(r_ann_sorted, lo, "left")
     # The background fraction in [lo, hi], with half a token of floor so an empty r range of the
     # surroundings does not look infinitely significant.
-    frac = np.maximum(m, 0.5) / len(r_ann_sorted)
-    s = poisson_significance(n, b_cap * frac)
-    # Among (near-)equally significant intervals prefer the one holding more tokens.
-    best = np.flatnonzero(s >= s.max() - 1e-9 * max(1.0, s.max()))
+    b = b_cap * np.maximum(m, 0.5) / len(r_ann_sorted)
+    s = poisson_significance(n, b)
+    best = np.flatnonzero(s >= s.max() - 1e-9 * max(1.0, s.max()))  # ties: the interval holding more tokens
     k = best[np.argmax(n[best])]
-    return float(lo[k]), float(hi[k])
+    pad = 0.25 * (hi[k] - lo[k])
+    return max(0.0, float(lo[k] - pad)), float(hi[k] + pad)
 
 
 def _core_box(uc: np.ndarray, lat_c: np.ndarray, c: np.ndarray, clat: float, clon: float) -> dict:
