@@ -114,11 +114,11 @@ def test_pure_background_has_no_region():
 def test_background_fit_and_integrals():
     # A known log-linear intensity: sample it by rejection and refit.
     rng = np.random.default_rng(0)
-    q = rng.normal(size=(400_000, 3))
+    q = rng.normal(size=(600_000, 3))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     f_true = np.exp(1.2 * q[:, 0] - 0.8 * q[:, 2] ** 2 + 0.5 * q[:, 1] * q[:, 2])
     keep = rng.random(len(q)) < f_true / f_true.max()
-    u = q[keep][:50_000]
+    u = q[keep][:120_000]
     bg = regions.Background(6).fit(u)
     # the ML fit integrates to the number of points (the constant lies in the span)
     mc = rng.normal(size=(200_000, 3))
@@ -127,22 +127,30 @@ def test_background_fit_and_integrals():
     # shape: the fitted intensity follows the true one (normalised to the same total)
     f_mc = np.exp(1.2 * mc[:, 0] - 0.8 * mc[:, 2] ** 2 + 0.5 * mc[:, 1] * mc[:, 2])
     ratio = bg.intensity(mc) / (f_mc * len(u) / (4 * math.pi * f_mc.mean()))
-    assert np.percentile(np.abs(ratio - 1), 95) < 0.05
-    # box and cap integrals against Monte Carlo integration of the same intensity
+    assert np.percentile(np.abs(ratio - 1), 95) < 0.07  # statistical noise of 49 coefficients: ~2 % rms
+    # box and cap integrals against Monte Carlo integration of the same intensity: uniform
+    # points drawn inside the box (lon uniform, sin lat uniform) or the cap (cos uniform)
     for box in ({"lat_min": 10, "lat_max": 40, "lon_min": 20, "lon_max": 70},
                 {"lat_min": -30, "lat_max": -5, "lon_min": 160, "lon_max": -150},  # wraps
                 {"lat_min": 70, "lat_max": 90, "lon_min": -180, "lon_max": 180}):  # pole
         full = {**box, "r_min": 0, "r_max": math.inf}
-        la, lo = regions.lat_lon(mc)
-        sel = inside(la, lo, np.ones(len(mc)), full)
-        mc_int = 4 * math.pi * (bg.intensity(mc) * sel).mean()
-        assert bg.in_box(full) == pytest.approx(mc_int, rel=0.03)
-        assert regions.box_area(full) == pytest.approx(4 * math.pi * sel.mean(), rel=0.03)
+        width = (box["lon_max"] - box["lon_min"]) % 360 or 360
+        lo = box["lon_min"] + width * rng.random(200_000)
+        sl = rng.uniform(math.sin(math.radians(box["lat_min"])), math.sin(math.radians(box["lat_max"])), 200_000)
+        area = math.radians(width) * (math.sin(math.radians(box["lat_max"])) - math.sin(math.radians(box["lat_min"])))
+        assert regions.box_area(full) == pytest.approx(area, rel=1e-12)
+        pts = regions.unit_vectors(np.degrees(np.arcsin(sl)), lo)
+        assert bg.in_box(full) == pytest.approx(area * bg.intensity(pts).mean(), rel=2e-3)
     c = regions.unit_vectors(20.0, 30.0)
+    e1, e2 = regions._tangent_frame(c[None])
     for theta in (2.0, 10.0):
-        sel = mc @ c >= math.cos(math.radians(theta))
-        ref = 4 * math.pi * (bg.intensity(mc) * sel).mean()
-        assert bg.in_caps(c[None], theta)[0] == pytest.approx(ref, rel=0.1 if theta < 5 else 0.03)
+        cz = rng.uniform(math.cos(math.radians(theta)), 1, 200_000)
+        phi = rng.uniform(0, 2 * math.pi, 200_000)
+        sz = np.sqrt(1 - cz**2)[:, None]
+        pts = cz[:, None] * c + sz * (np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2)
+        ref = regions.cap_area(theta) * bg.intensity(pts).mean()
+        assert regions.cap_area(theta) == pytest.approx(2 * math.pi * (1 - math.cos(math.radians(theta))))
+        assert bg.in_caps(c[None], theta)[0] == pytest.approx(ref, rel=2e-3)
 
 
 def test_in_box_wraps_and_poles():
