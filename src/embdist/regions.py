@@ -43,7 +43,8 @@ explicit background model, with a Poisson significance, rather than a clustering
    tokens in the cap and that r range; longitudes are measured from the centre, so a box can
    wrap through +/-180 (``lon_min > lon_max``, as GeoJSON) and a core that holds a pole gets
    ``lon -180..180`` up to that pole.  A region must be compact in r: at most
-   ``max_r_fraction`` (one half) of the tokens around it may share its r range; wide angular
+   ``max_r_fraction`` (one half) of the tokens around it may share its most significant r
+   interval; wide angular
    structure of the sky that spans every r is background, not a region.  The tokens, the expected background and the
    significance reported are those of the box itself (the background integrated over the
    box, times the fraction of the surroundings' tokens in the box's r range).
@@ -90,7 +91,7 @@ class Region:
     centre_lon: float
     scale_deg: float  # aperture radius that detected it
     radius_deg: float  # angular radius of the core around the centre
-    r_fraction: float  # share of the surrounding tokens whose r lies in r_min..r_max (compactness in r)
+    r_fraction: float  # share of the surrounding tokens in the region's most significant r interval (compactness in r)
     members: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))  # row indices in the box
 
     @property
@@ -400,7 +401,7 @@ def _region(c, theta, sky, bg, core_sig) -> Region | None:
     r_cap = np.sort(r[rows[idx]])
     r_ann = np.sort(r[rows[ann]])
     b_cap = float(bg.in_caps(c[None], theta)[0])
-    lo, hi = _best_r_interval(r_cap, r_ann, b_cap)
+    lo, hi, core_share = _best_r_interval(r_cap, r_ann, b_cap)
     frac = _frac_in(r_ann, lo, hi) if len(r_ann) >= 5 else 1.0
     # Core: tokens (in the r range, within 3 radii) whose own neighbourhood of radius rho is
     # over-dense, joined by friends-of-friends at rho; the groups that reach into the cap.
@@ -436,7 +437,7 @@ def _region(c, theta, sky, bg, core_sig) -> Region | None:
     radius = float(np.degrees(np.arccos(np.clip(u[core] @ c, -1, 1))).max())
     return Region(0, **box, tokens=len(members), expected=expected, significance=sig,
                   centre_lat=clat, centre_lon=clon, scale_deg=float(theta), radius_deg=max(radius, theta),
-                  r_fraction=r_frac, members=members)
+                  r_fraction=core_share, members=members)
 
 
 def _frac_in(sorted_r: np.ndarray, lo: float, hi: float) -> float:
@@ -444,13 +445,14 @@ def _frac_in(sorted_r: np.ndarray, lo: float, hi: float) -> float:
     return float(k) / max(len(sorted_r), 1)
 
 
-def _best_r_interval(r_cap_sorted: np.ndarray, r_ann_sorted: np.ndarray, b_cap: float) -> tuple[float, float]:
+def _best_r_interval(r_cap_sorted: np.ndarray, r_ann_sorted: np.ndarray, b_cap: float) -> tuple[float, float, float]:
     """The r interval (ends at quantiles of the cap's r) where the cap's tokens stand most
     significantly above the background's r distribution (from the surroundings), widened by a
     quarter of its width on each side: the most significant cut of a Gaussian spike is about
-    +/-2 sigma, the widened one +/-3 sigma, so the spike's tails stay in."""
+    +/-2 sigma, the widened one +/-3 sigma, so the spike's tails stay in.  Also returns the
+    share of the surroundings' tokens in the most significant (not widened) interval."""
     if len(r_ann_sorted) < 5:
-        return float(r_cap_sorted[0]), float(r_cap_sorted[-1])
+        return float(r_cap_sorted[0]), float(r_cap_sorted[-1]), 0.0
     q = np.unique(np.quantile(r_cap_sorted, np.linspace(0, 1, 61)))
     lo, hi = np.meshgrid(q, q, indexing="ij")
     keep = lo <= hi
@@ -464,7 +466,7 @@ def _best_r_interval(r_cap_sorted: np.ndarray, r_ann_sorted: np.ndarray, b_cap: 
     best = np.flatnonzero(s >= s.max() - 1e-9 * max(1.0, s.max()))  # ties: the interval holding more tokens
     k = best[np.argmax(n[best])]
     pad = 0.25 * (hi[k] - lo[k])
-    return max(0.0, float(lo[k] - pad)), float(hi[k] + pad)
+    return max(0.0, float(lo[k] - pad)), float(hi[k] + pad), float(m[k]) / len(r_ann_sorted)
 
 
 def _core_box(uc: np.ndarray, lat_c: np.ndarray, c: np.ndarray, clat: float, clon: float) -> dict:
