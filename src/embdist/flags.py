@@ -1,7 +1,8 @@
 """Per-token flags of the survey: tokenizer reachability and magikarp's under-trained indicator.
 
 * :func:`reachable` - can any text produce the id?  The literal test of seed 1.8d:
-  ``encode(decode([id]), add_special_tokens=False) == [id]``.  A row that no text yields
+  ``encode(decode([id]), add_special_tokens=False) == [id]`` (without the tokenizer's padding
+  or truncation).  A row that no text yields
   (a byte-level piece that is half a character, a ``[unused*]`` placeholder, a WordPiece
   ``##`` continuation on its own, padding beyond the tokenizer) is a candidate for never having
   been trained.  Batched through the Rust tokenizer: the whole Qwen vocabulary in seconds.
@@ -26,6 +27,7 @@ def reachable(tokenizer, ids) -> np.ndarray:
     if tokenizer is None or len(ids) == 0:
         return out
     size = tokenizer.get_vocab_size(with_added_tokens=True)
+    tokenizer = plain(tokenizer)
     known = np.flatnonzero(ids < size)
     for s in range(0, len(known), _CHUNK):
         pos = known[s:s + _CHUNK]
@@ -34,6 +36,17 @@ def reachable(tokenizer, ids) -> np.ndarray:
         enc = tokenizer.encode_batch(texts, add_special_tokens=False)
         out[pos] = [e.ids == b for e, b in zip(enc, batch)]
     return out
+
+
+def plain(tokenizer):
+    """A copy without the padding and truncation a tokenizer.json may carry (MiniLM's pads every
+    encoding to 128 ids): reachability asks what the text itself encodes to."""
+    from tokenizers import Tokenizer
+
+    t = Tokenizer.from_str(tokenizer.to_str())
+    t.no_padding()
+    t.no_truncation()
+    return t
 
 
 def magikarp_indicator(w: torch.Tensor, reference: np.ndarray, first_pc: torch.Tensor) -> np.ndarray:
