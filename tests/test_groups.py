@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from embdist import groups
+from embdist import rows
 
 
 def brute_groups(x: torch.Tensor | np.ndarray) -> list[list[int]]:
@@ -43,7 +43,7 @@ def as_lists(gs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_duplicate_groups_match_brute_force(dtype):
     x, plan = planted(dtype)
-    got = groups.duplicate_groups(x)
+    got = rows.duplicate_groups(x)
     assert as_lists(got) == brute_groups(x)
     assert sorted(map(sorted, as_lists(got))) == sorted(map(sorted, plan))
     assert all(g.dtype == np.int64 for g in got)
@@ -53,10 +53,10 @@ def test_duplicate_groups_match_brute_force(dtype):
 def test_duplicate_groups_numpy_and_odd_row_bytes():
     rng = np.random.default_rng(1)
     a = rng.integers(0, 3, size=(500, 3), dtype=np.uint8)  # 3-byte rows, many collisions of values
-    assert as_lists(groups.duplicate_groups(a)) == brute_groups(a)
+    assert as_lists(rows.duplicate_groups(a)) == brute_groups(a)
     b = rng.normal(size=(50, 5)).astype(np.float32)          # 20-byte rows
     b[[4, 9, 49]] = b[4]
-    assert as_lists(groups.duplicate_groups(b)) == [[4, 9, 49]]
+    assert as_lists(rows.duplicate_groups(b)) == [[4, 9, 49]]
 
 
 def test_signed_zeros_are_equal_like_the_distance_engine():
@@ -64,35 +64,35 @@ def test_signed_zeros_are_equal_like_the_distance_engine():
     x[1, 0] = -0.0          # equal in value to row 0 (distance 0), different bits
     x[2] = float("nan")
     x[3] = float("nan")     # same NaN bits as row 2
-    got = as_lists(groups.duplicate_groups(x))
+    got = as_lists(rows.duplicate_groups(x))
     assert got == [[0, 1], [2, 3]]
-    assert groups.distinct_vectors_per_step(x[None])[0] == 2
+    assert rows.distinct_per_step(x[None])[0] == 2
     assert x[1, 0].item() == 0 and str(x[1, 0].item()) == "-0.0"  # the input is not modified
 
 
 def test_hash_collisions_are_split_exactly(monkeypatch):
     x, _ = planted(torch.float32)
     ref = brute_groups(x)
-    monkeypatch.setattr(groups, "_hash_rows", lambda bits: np.zeros(bits.shape[:-1], dtype=np.uint64))
-    assert as_lists(groups.duplicate_groups(x)) == ref
+    monkeypatch.setattr(rows, "hash_rows", lambda bits: np.zeros(bits.shape[:-1], dtype=np.uint64))
+    assert as_lists(rows.duplicate_groups(x)) == ref
 
 
 def test_duplicate_groups_edges():
-    assert groups.duplicate_groups(torch.randn(1, 4)) == []
-    assert groups.duplicate_groups(torch.randn(6, 4)) == []
-    assert as_lists(groups.duplicate_groups(torch.empty(3, 0))) == [[0, 1, 2]]
+    assert rows.duplicate_groups(torch.randn(1, 4)) == []
+    assert rows.duplicate_groups(torch.randn(6, 4)) == []
+    assert as_lists(rows.duplicate_groups(torch.empty(3, 0))) == [[0, 1, 2]]
     with pytest.raises(ValueError, match="2-D"):
-        groups.duplicate_groups(torch.randn(2, 3, 4))
+        rows.duplicate_groups(torch.randn(2, 3, 4))
 
 
 def test_pairs_in_groups_qwen_figure():
     sizes = [814, 704, 306, 228, 11, 10, 6, 5, 4, 4, 3, 3, 2]
     assert sum(sizes) == 2100
-    assert groups.pairs_in_groups(sizes) == 651_034
-    assert groups.pairs_in_groups([]) == 0
+    assert rows.pairs_in_groups(sizes) == 651_034
+    assert rows.pairs_in_groups([]) == 0
     x, _ = planted(torch.bfloat16)
-    gs = groups.duplicate_groups(x)
-    assert list(groups.group_sizes_of(gs)) == [len(g) for g in gs]
+    gs = rows.duplicate_groups(x)
+    assert list(rows.group_sizes_of(gs)) == [len(g) for g in gs]
 
 
 def history_like(t=40, v=32, d=8, seed=3) -> torch.Tensor:
@@ -111,23 +111,23 @@ def history_like(t=40, v=32, d=8, seed=3) -> torch.Tensor:
 def test_distinct_vectors_per_step_matches_torch_unique():
     h = history_like()
     ref = np.array([torch.unique(h[i].float(), dim=0).shape[0] for i in range(len(h))])
-    got = groups.distinct_vectors_per_step(h)
+    got = rows.distinct_per_step(h)
     assert got.dtype == np.int64 and got.shape == (len(h),)
     np.testing.assert_array_equal(got, ref)
     assert got[0] == 1 and got[-1] == 32 - 4
-    np.testing.assert_array_equal(groups.distinct_vectors_per_step(h, chunk_steps=3), ref)
-    np.testing.assert_array_equal(groups.distinct_vectors_per_step(h.float().numpy()), ref)
+    np.testing.assert_array_equal(rows.distinct_per_step(h, chunk_steps=3), ref)
+    np.testing.assert_array_equal(rows.distinct_per_step(h.float().numpy()), ref)
 
 
 def test_distinct_vectors_fall_back_on_collisions(monkeypatch):
     h = history_like(t=12, v=10)
     ref = np.array([torch.unique(h[i].float(), dim=0).shape[0] for i in range(len(h))])
-    monkeypatch.setattr(groups, "_hash_rows", lambda bits: np.zeros(bits.shape[:-1], dtype=np.uint64))
-    np.testing.assert_array_equal(groups.distinct_vectors_per_step(h), ref)
+    monkeypatch.setattr(rows, "hash_rows", lambda bits: np.zeros(bits.shape[:-1], dtype=np.uint64))
+    np.testing.assert_array_equal(rows.distinct_per_step(h), ref)
 
 
 def test_distinct_vectors_edges():
-    np.testing.assert_array_equal(groups.distinct_vectors_per_step(torch.randn(3, 1, 4)), [1, 1, 1])
-    np.testing.assert_array_equal(groups.distinct_vectors_per_step(torch.randn(2, 0, 4)), [0, 0])
+    np.testing.assert_array_equal(rows.distinct_per_step(torch.randn(3, 1, 4)), [1, 1, 1])
+    np.testing.assert_array_equal(rows.distinct_per_step(torch.randn(2, 0, 4)), [0, 0])
     with pytest.raises(ValueError, match="steps, tokens, dims"):
-        groups.distinct_vectors_per_step(torch.randn(3, 4))
+        rows.distinct_per_step(torch.randn(3, 4))

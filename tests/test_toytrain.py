@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from embdist import store
 from embdist import toytrain
 from embdist.toytrain import (
     HIDDEN_DIM,
@@ -127,7 +128,7 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(toytrain, "_safetensors_bytes_header", boom)
+    monkeypatch.setattr(store.os, "fsync", boom)  # fails after the temporary holds the data
     with pytest.raises(RuntimeError, match="disk full"):
         train_snapshots(out, steps=2, seed=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hist.safetensors"]

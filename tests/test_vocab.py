@@ -1,4 +1,4 @@
-"""task=vocab: whole-matrix streaming (embdist.pairwise._stream) against brute-force float64
+"""task=vocab: whole-matrix streaming (embdist.pairwise.stream) against brute-force float64
 references, shards merged bit for bit, and the sharded sweep through real Hydra launchers."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from scipy.spatial.distance import cdist
 
 from conftest import client_for, run_embdist, runs_of
-from embdist.pairwise import _stream as S
+from embdist.pairwise import stream as S
 from embdist.tables import read_csv
 from embdist.tracking import sha256
 
@@ -162,10 +162,10 @@ def test_statistics_neighbours_and_near_groups_against_numpy(metric):
 def test_shards_merge_to_the_single_result_bit_for_bit(tmp_path, metric):
     w, _, _ = planted_vocab(3000, 16, seed=5)
     kw = dict(k=4, radii=(0.1,), bins=512, near_steps=2)
-    single = S.finalize(w, S.stream(w, metric, **kw))
+    single = S.finalize(w, S.stream_pass(w, metric, **kw))
     parts = []
     for i in range(4):
-        p = S.stream(w, metric, shard=(i, 4), **kw)
+        p = S.stream_pass(w, metric, shard=(i, 4), **kw)
         parts.append(S.StreamPartial.load(p.save(tmp_path / f"s{i}.npz")))
     merged = S.finalize(w, S.StreamPartial.merge(parts[::-1]))
     for key in ("knn_ids", "knn_dist", "hist_counts", "hist_edges", "groups"):
@@ -191,7 +191,7 @@ def test_ties_duplicates_and_tiny_candidate_lists_stay_exact():
     for metric in ("euclidean", "chebyshev"):
         ids, dist = ref_knn_chunked(w64, 7, metric, slack=400)
         for cand in (None, 9):
-            res = S.finalize(w, S.stream(w, metric, k=7, bins=64, candidates=cand))
+            res = S.finalize(w, S.stream_pass(w, metric, k=7, bins=64, candidates=cand))
             assert np.array_equal(res.knn_ids, ids), (metric, cand)
             np.testing.assert_array_equal(res.knn_dist, dist)
 
@@ -211,11 +211,11 @@ def test_float32_and_float16_inputs():
 def test_argument_checks():
     w = torch.zeros(10, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="metric"):
-        S.stream(w, "manhattan")
+        S.stream_pass(w, "manhattan")
     with pytest.raises(ValueError, match="shard index"):
-        S.stream(w, shard=(3, 3))
+        S.stream_pass(w, shard=(3, 3))
     with pytest.raises(ValueError, match="near_steps"):
-        S.stream(w, near_steps=65)
+        S.stream_pass(w, near_steps=65)
     res = S.vocab_stats(w, k=3, bins=8)      # every row identical
     assert res.stats["zero_pairs"] == 45 and res.stats["max"] == 0.0 and res.stats["median"] == 0.0
     assert as_lists(res.duplicate_groups) == [list(range(10))]

@@ -1,7 +1,10 @@
-"""Entry point: wires Hydra to the tasks (``python -m embdist`` and the ``embdist`` script)."""
+"""Entry point: wires Hydra to the tasks (``python -m embdist`` and the ``embdist`` script).
+
+Only light modules are imported here: ``--help`` and a config error never import torch or
+MLflow; the task (and with it the engine and the tracking) is imported once a job starts.
+"""
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -13,9 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from embdist import config, paths
-from embdist.sources import InputError
-from embdist.tracking import job_run
+from embdist import config, paths, tasks
+from embdist.errors import InputError, is_disk_full
 
 log = logging.getLogger("embdist")
 
@@ -24,21 +26,18 @@ config.register()
 
 
 def run_task(cfg: DictConfig) -> dict:
-    from embdist.tasks import overdensity, snapshots, survey, vocab
-
-    tasks = {"overdensity": overdensity, "snapshots": snapshots, "vocab": vocab, "survey": survey}
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
+    typed = None
     if not sweep:  # a single run refuses a bad value before any MLflow run exists
-        OmegaConf.to_object(cfg)  # builds the typed objects: their __post_init__ checks run before any work
+        typed = OmegaConf.to_object(cfg)  # the typed objects: their __post_init__ checks run before any work
+    from embdist.tracking import job_run
+
     run_dir = Path(hc.runtime.output_dir)
     with job_run(cfg, run_dir, hc.job.num if sweep else None, run_dir / f"{hc.job.name}.log") as rl:
         if sweep:  # in a sweep the failed job is a FAILED child run, so the sweep's runs tell every outcome
-            OmegaConf.to_object(cfg)
-        return tasks[cfg.task.name].run(cfg, rl, run_dir)
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            typed = OmegaConf.to_object(cfg)
+        return tasks.get(typed.task.name).run(typed, rl, run_dir)
 
 
 def _interrupt(signum, frame):
@@ -57,13 +56,13 @@ def main(cfg: DictConfig) -> None:
         sys.exit(130)
     except (InputError, OSError) as e:
         # A user's mistake or a full disk: one clear line, no traceback (unless HYDRA_FULL_ERROR=1).
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or (isinstance(e, OSError) and e.errno not in DISK_FULL):
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or (isinstance(e, OSError) and not is_disk_full(e)):
             raise
         log.error("%s", e)
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
             # Recorded on the job's FAILED run; the sweep goes on and ends with exit status 2
-            # (embdist.tracking.SweepParentRun).
+            # (embdist.callbacks.SweepParentRun).
             print(f"embdist: error: job {hc.job.num} ({' '.join(hc.overrides.task)}): {e}", file=sys.stderr)
             return
         print(f"embdist: error: {e}", file=sys.stderr)

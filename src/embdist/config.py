@@ -6,16 +6,18 @@ before any work starts.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from embdist.sources import InputError
+from embdist.errors import InputError
+from embdist.tasks import TASKS as _TASK_MODULES
 
 METRICS = ("euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine")
 DTYPES = ("float32", "float16", "bfloat16")
-TASKS = ("overdensity", "snapshots", "vocab", "survey")
+TASKS = tuple(_TASK_MODULES)  # one list: embdist.tasks.TASKS
 
 
 @dataclass
@@ -163,7 +165,7 @@ class SurveyConfig:
     min_significance: float = 5.0  # Poisson sigma a region needs
     min_excess: float = 10.0  # tokens above the background a region needs
     max_regions: int = 20
-    max_r_fraction: float = 0.5  # a region's r range may hold at most this share of the tokens around it
+    max_r_fraction: float = 0.5  # share of the surrounding tokens a region's r interval may hold
     untrained_ids: List[int] = field(default_factory=list)  # magikarp reference rows besides beyond_vocab and [unused*]
     html: bool = True  # write the interactive sky map (sky_map.html)
 
@@ -191,6 +193,19 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     survey: SurveyConfig = field(default_factory=SurveyConfig)
     seed: int = 0
+
+
+def build(container) -> Config:
+    """The typed config (validated) from a DictConfig or a plain dict (e.g. one saved in a shard)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(OmegaConf.structured(Config), container)
+    return OmegaConf.to_object(node)
+
+
+def as_dict(cfg: Config) -> dict:
+    """Plain nested dict of a typed config (JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
 
 
 def register() -> None:

@@ -88,6 +88,9 @@ def sky_coordinates(w: torch.Tensor, north: torch.Tensor, meridian: torch.Tensor
     return Sky(x, y, z, r, lat, lon)
 
 
+BOX_KEYS = ("lat_min", "lat_max", "lon_min", "lon_max", "r_min", "r_max")
+
+
 def in_box(sky: Sky, lat_min: float, lat_max: float, lon_min: float, lon_max: float, r_min: float, r_max: float) -> torch.Tensor:
     """Boolean mask of rows inside the inclusive box (seed cell 8); lon_min > lon_max is a box
     through +/-180 degrees (lon >= lon_min or lon <= lon_max), as GeoJSON bounding boxes."""

@@ -2,7 +2,7 @@
 
 A sweep such as ``python -m embdist -m task=vocab shard.count=4 shard.index=0,1,2,3
 hydra/launcher=joblib`` (or ``submitit_slurm`` on a cluster) leaves one ``vocab_shard.npz`` per
-job.  ``MergeShards`` (a Hydra callback that ``conf/task/vocab.yaml`` registers) runs in the
+job.  ``embdist.callbacks.MergeShards`` (a Hydra callback that ``conf/task/vocab.yaml`` registers) runs in the
 launching process when every job has returned: it merges the shards of each run found in the
 sweep folder, writes the outputs to ``<sweep_dir>/merged/`` and logs them on the sweep's parent
 MLflow run.  By hand (e.g. after re-running a failed shard)::
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
 
-from embdist.pairwise import _stream
+from embdist import config
+from embdist.pairwise import stream
 from embdist.tasks import vocab
 
 log = logging.getLogger(__name__)
@@ -71,17 +68,17 @@ def merge_group(paths, out_dir: Path, rl=None) -> dict:
         dup = sorted({h for h in have if have.count(h) > 1})
         what = "; ".join(filter(None, [f"missing {missing}" if missing else "", f"repeated {dup}" if dup else ""]))
         raise RuntimeError(f"shards of {count}: {what} ({', '.join(str(p) for p in paths)})")
-    cfg = OmegaConf.create(info["config"])
+    cfg = config.build(info["config"])
     x, ids, m = vocab.load_selection(cfg)
     merged: dict = {}
     for p in paths:
-        parts, extra, inf = _stream.load_partials(p)
+        parts, extra, inf = stream.load_partials(p)
         if not np.array_equal(extra["token_ids"], ids.numpy()):
             raise RuntimeError(f"shard {inf['shard'][0]} ({p}) selected other tokens than the matrix gives now")
         for metric, part in parts.items():
-            merged[metric] = part if metric not in merged else _stream.StreamPartial.merge([merged[metric], part])
+            merged[metric] = part if metric not in merged else stream.StreamPartial.merge([merged[metric], part])
         del parts
-    results = {metric: _stream.finalize(x, part) for metric, part in merged.items()}
+    results = {metric: stream.finalize(x, part) for metric, part in merged.items()}
     if rl is not None:
         rl.metrics({"shards": count, "n_tokens": len(ids)})
         rl.tag("embdist.merged_from", " ".join(str(p) for p in paths)[:5000])
@@ -120,61 +117,6 @@ class _Prefixed:
 
     def __getattr__(self, name):
         return getattr(self.rl, name)
-
-
-class MergeShards(Callback):
-    """Hydra callback: at the end of a multirun, merge the vocab shards of the sweep and log the
-    merged result on the sweep's parent MLflow run (``EMBDIST_PARENT_RUN_ID``).  Runs before the
-    parent run is closed (Hydra calls end hooks in reverse order)."""
-
-    def __init__(self) -> None:
-        self.sweep_dir: Path | None = None
-        self.tracking_uri: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = Path(str(config.hydra.sweep.dir))
-        from embdist.tracking import tracking_uri
-        self.tracking_uri = tracking_uri(config.tracking.uri)
-
-    def _parent_by_tag(self) -> str | None:
-        """The sweep's parent run found by its embdist.sweep_dir tag (when the callbacks' order
-        closed it already)."""
-        from mlflow.tracking import MlflowClient
-        try:
-            c = MlflowClient(tracking_uri=self.tracking_uri)
-            runs = c.search_runs([e.experiment_id for e in c.search_experiments()],
-                                 filter_string=f"tags.`embdist.sweep_dir` = '{self.sweep_dir}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-            return runs[0].info.run_id if runs else None
-        except Exception:
-            return None
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.sweep_dir is None or not self.sweep_dir.is_dir():
-            return
-        if not find_shards([self.sweep_dir]):
-            return
-        from mlflow.tracking import MlflowClient
-
-        from embdist.tracking import PARENT_ENV, RunLog
-        parent = os.environ.get(PARENT_ENV) or self._parent_by_tag()
-        rl = RunLog(MlflowClient(tracking_uri=self.tracking_uri), parent) if parent else None
-        try:
-            if rl is not None:
-                with rl.stage("merge"):
-                    merge_paths([self.sweep_dir], self.sweep_dir / "merged", rl)
-            else:
-                merge_paths([self.sweep_dir], self.sweep_dir / "merged")
-            log.info("Merged the shards of %s into %s", self.sweep_dir, self.sweep_dir / "merged")
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            log.error("merging the shards of %s failed: %s", self.sweep_dir, msg)
-            print(f"embdist: error: merging the shards of {self.sweep_dir} failed: {msg}; "
-                  f"fix it and run: python -m embdist.merge {self.sweep_dir}", file=sys.stderr)
-            if rl is None:
-                raise
-            # the sweep's parent run (embdist.tracking.SweepParentRun) then closes FAILED, exit status 2
-            rl.tag("error", f"merge failed: {msg}")
 
 
 def main(argv=None) -> int:

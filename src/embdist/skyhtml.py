@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from embdist.atomic import write_bytes
 from embdist.regions import BOX_KEYS, override_line
 
 COLOURS = {"normal": "#1f77b4", "special": "#d62728", "unused": "#ff7f0e", "byte": "#2ca02c",
@@ -65,16 +66,7 @@ def write_sky_html(path: str | os.PathLike, *, ids, lat, lon, r, strings: Sequen
     payload = payload.replace("</", "<\\/")  # a token string must not close the script element
     page = _TEMPLATE.replace("@@TITLE@@", html.escape(title)).replace("@@PLOTLY@@", plotly_js()) \
         .replace("@@DATA@@", payload)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, page.encode("utf-8"))
 
 
 _TEMPLATE = r"""<!DOCTYPE html>

@@ -27,8 +27,7 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class InputError(ValueError):
-    """Bad user input: the message names the value and the fix; printed without a traceback."""
+from embdist.errors import InputError  # noqa: E402  (re-exported: sources.InputError still works)
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,31 @@
-"""Writing results: atomically, after checking they fit."""
+"""Writing results: safetensors files laid out once, written atomically, after checking they fit."""
 from __future__ import annotations
 
 import errno
 import json
 import os
 import shutil
-import sys
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-from safetensors.torch import save_file
 
-from embdist.sources import InputError
+from embdist.atomic import atomic_path, temporary_name
+from embdist.errors import InputError, disk_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ALIGN = 64  # data start: 64-byte aligned, so memory maps of it take aligned vector stores
 
 
 def available_ram() -> int:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping), in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Memory that can be allocated without swapping, in bytes (psutil: Linux, macOS, Windows)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def check_fits(ram_bytes: int, disk_bytes: int, folder: Path, hint: str, limit_gb: float | None = None) -> None:
@@ -53,33 +50,49 @@ def check_fits(ram_bytes: int, disk_bytes: int, folder: Path, hint: str, limit_g
         )
 
 
+def layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None):
+    """The safetensors layout of tensors with these (dtype, shape): (header bytes, {name: (dtype,
+    shape, offset, nbytes)}, data bytes).  Deterministic (sorted JSON: safetensors' own writer
+    orders its header differently in every process), wider elements first so every tensor is
+    aligned to its element size, data start padded to 64 bytes."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset, places = 0, {}
+    for name, (dtype, shape) in sorted(specs.items(), key=lambda kv: (-torch.empty((), dtype=kv[1][0]).element_size(), kv[0])):
+        count = 1
+        for k in shape:
+            count *= int(k)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(k) for k in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        places[name] = (dtype, tuple(int(k) for k in shape), offset, nbytes)
+        offset += nbytes
+    head = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    head += b" " * (-(8 + len(head)) % _ALIGN)
+    return struct.pack("<Q", len(head)) + head, places, offset
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file under its own temporary name, renamed when complete (never through the
+    library's hidden temporary: a killed run leaves only names embdist can recognise)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    head, places, _ = layout({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, metadata)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for name in sorted(places, key=lambda k: places[k][2]):
+                t = tensors[name]
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors to a temporary name in the same folder, renamed when complete.
-
-    A run stopped mid-write (Ctrl-C, kill, full disk) leaves no file under the final name.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # One metadata key holding sorted JSON: safetensors writes a multi-key map in a random
-    # order per process, which would make identical results differ byte for byte.
-    meta = {"embdist": json.dumps(metadata, sort_keys=True)} if metadata else None
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise InputError(f"{e.strerror} while writing {str(path)!r}; free space there or set hydra.run.dir "
-                             "to a larger disk (nothing was left under the final name)") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32"}
+    """The run's safetensors outputs: metadata as one sorted-JSON key ``embdist``."""
+    return write_safetensors(tensors, path, {"embdist": json.dumps(metadata, sort_keys=True)} if metadata else None)
 
 
 class MappedSafetensors:
@@ -101,46 +114,27 @@ class MappedSafetensors:
 
     def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
-        import struct
-
         import numpy as np
 
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = {"embdist": json.dumps(metadata, sort_keys=True)}
-        offset, layout = 0, {}
-        # wider elements first, so every tensor starts aligned to its element size
-        order = sorted(specs.items(), key=lambda kv: -torch.empty((), dtype=kv[1][0]).element_size())
-        for name, (dtype, shape) in order:
-            count = 1
-            for k in shape:
-                count *= int(k)
-            nbytes = count * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(k) for k in shape],
-                            "data_offsets": [offset, offset + nbytes]}
-            layout[name] = (dtype, tuple(int(k) for k in shape), offset, nbytes)
-            offset += nbytes
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-(8 + len(head)) % 64)          # data starts 64-byte aligned (vector stores)
-        start, total = 8 + len(head), 8 + len(head) + offset
+        self.tmp = temporary_name(self.path)
+        head, places, size = layout(specs, {"embdist": json.dumps(metadata, sort_keys=True)} if metadata else None)
+        start, total = len(head), len(head) + size
         try:
             fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            raise _disk_error(e, self.path, "creating") from None
+            raise disk_error(e, self.path, "creating") from None
         try:  # any failure (Ctrl-C included) before the caller holds this object removes the file
             try:
                 _allocate(fd, total)
-                head = struct.pack("<Q", len(head)) + head
                 if os.pwrite(fd, head, 0) != len(head):
                     raise OSError(errno.EIO, "short write of the safetensors header")
             finally:
                 os.close(fd)
-            self._map = np.memmap(self.tmp, dtype=np.uint8, mode="r+", shape=(total,)) if offset else None
+            self._map = np.memmap(self.tmp, dtype=np.uint8, mode="r+", shape=(total,)) if size else None
             self.tensors: dict[str, torch.Tensor] = {}
             for name in specs:
-                dtype, shape, off, nbytes = layout[name]
+                dtype, shape, off, nbytes = places[name]
                 if nbytes == 0:
                     self.tensors[name] = torch.empty(shape, dtype=dtype)
                 else:
@@ -149,7 +143,7 @@ class MappedSafetensors:
         except BaseException as e:
             self.tmp.unlink(missing_ok=True)
             if isinstance(e, OSError):
-                raise _disk_error(e, self.path, "allocating") from None
+                raise disk_error(e, self.path, "allocating") from None
             raise
         self.committed = False
 
@@ -159,7 +153,7 @@ class MappedSafetensors:
                 self._map.flush()
             os.replace(self.tmp, self.path)
         except OSError as e:
-            raise _disk_error(e, self.path, "writing") from None
+            raise disk_error(e, self.path, "writing") from None
         self.committed = True
         return self.path
 
@@ -187,32 +181,3 @@ def _allocate(fd: int, nbytes: int) -> None:
         "cannot reserve disk space here (no fallocate): if the disk fills up while the matrices "
         "are written, the process is killed by SIGBUS and leaves a temporary file")
     os.ftruncate(fd, nbytes)
-
-
-def _disk_error(e: OSError, path: Path, doing: str) -> Exception:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return InputError(f"{e.strerror} while {doing} {str(path)!r}; free space there or set hydra.run.dir "
-                          "to a larger disk (nothing was left under the final name)")
-    return e
-
-
-class RunFolderCheck(Callback):
-    """Hydra callback: fail in one line, before Hydra creates it, when the run folder cannot be written."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(Path(config.hydra.run.dir), "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
-
-    @staticmethod
-    def _check(folder: Path, key: str) -> None:
-        probe = folder / f".embdist-write-test-{os.getpid()}"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            print(f"embdist: error: cannot write the run folder {str(folder)!r} ({e.strerror}); "
-                  f"set {key} to a writable folder", file=sys.stderr)
-            sys.exit(2)

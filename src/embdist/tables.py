@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from embdist.atomic import atomic_path
 
 
 def write_csv(path: Path, columns: Mapping[str, Sequence]) -> Path:
@@ -12,18 +13,12 @@ def write_csv(path: Path, columns: Mapping[str, Sequence]) -> Path:
     lengths = {len(v) for v in columns.values()}
     if len(lengths) > 1:
         raise ValueError(f"columns of unequal length: { {k: len(v) for k, v in columns.items()} }")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(columns.keys())
             w.writerows(zip(*columns.values()))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

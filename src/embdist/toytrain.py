@@ -47,18 +47,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
-import math
 import os
-import struct
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from embdist import rows, store
 
 __all__ = [
     "VOCAB_SIZE",
@@ -129,93 +126,13 @@ def load_corpus(text_path: str | os.PathLike | None = None) -> tuple[bytes, str]
 
 
 def count_distinct_rows(history: torch.Tensor) -> list[int]:
-    """Number of distinct embedding rows (groups of identical tokens) at each step.
-
-    Equality is exact (bit-for-bit after mapping -0.0 to +0.0, i.e. numeric equality for
-    non-NaN values).  ``history`` may be ``(steps, vocab, dim)`` or a single ``(vocab, dim)``.
-    """
+    """Number of distinct embedding rows (groups of identical tokens) at each step, by
+    :mod:`embdist.rows` (bitwise, -0.0 == +0.0).  ``history`` is (steps, vocab, dim) or (vocab, dim)."""
     h = history if history.dim() == 3 else history.unsqueeze(0)
-    h = (h.to(torch.bfloat16) + 0.0).contiguous()  # -0.0 + 0.0 == +0.0
-    bits = h.view(torch.int16)
-    return [int(torch.unique(step, dim=0).shape[0]) for step in bits]
+    return rows.distinct_per_step(h).tolist()
 
 
-# ---------------------------------------------------------------------------------------------
-# the model
-
-
-_MASKS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _causal_mask(t: int, device: torch.device) -> torch.Tensor:
-    key = (t, str(device))
-    if key not in _MASKS:
-        _MASKS[key] = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
-    return _MASKS[key]
-
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(dim, **kw)
-        self.qkv = nn.Linear(dim, 3 * dim, **kw)
-        self.proj = nn.Linear(dim, dim, **kw)
-        self.ln2 = nn.LayerNorm(dim, **kw)
-        self.fc1 = nn.Linear(dim, 4 * dim, **kw)
-        self.fc2 = nn.Linear(4 * dim, dim, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        qkv = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (b, heads, t, head_dim)
-        # explicit causal attention: torch's CPU flash-attention backward is slow in bf16 at
-        # this size (about 7 ms a call, against well under 1 ms for these small matmuls)
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(c // self.heads))
-        scores = scores.masked_fill(_causal_mask(t, x.device), float("-inf"))
-        a = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype) @ v
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, c))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class _ToyLM(nn.Module):
-    """Byte-level causal transformer whose one matrix ``wte`` is embedding and unembedding."""
-
-    def __init__(self, *, vocab: int, dim: int, context: int, layers: int, heads: int,
-                 device=None, dtype=None) -> None:
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.wte = nn.Parameter(torch.empty(vocab, dim, **kw))
-        self.wpe = nn.Parameter(torch.empty(context, dim, **kw))
-        self.blocks = nn.ModuleList(_Block(dim, heads, **kw) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(dim, **kw)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(idx, self.wte) + self.wpe[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x) @ self.wte.t()  # tied unembedding
-
-    @torch.no_grad()
-    def init_weights(self, gen: torch.Generator, *, init_std: float, layers: int) -> None:
-        def normal_(p: torch.Tensor, std: float) -> None:
-            # sample in float32 from the private generator, round once to the storage dtype
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-
-        # "qweninit": every token starts at ONE shared vector
-        shared = torch.randn(self.wte.shape[1], generator=gen, dtype=torch.float32) * init_std
-        self.wte.copy_(shared.expand_as(self.wte))
-        normal_(self.wpe, init_std)
-        resid_std = init_std / math.sqrt(2 * layers)
-        for block in self.blocks:
-            for lin in (block.qkv, block.proj, block.fc1, block.fc2):
-                normal_(lin.weight, resid_std if lin in (block.proj, block.fc2) else init_std)
-                lin.bias.zero_()
-        for mod in self.modules():
-            if isinstance(mod, nn.LayerNorm):
-                mod.weight.fill_(1.0)
-                mod.bias.zero_()
+from embdist.toymodel import _ToyLM  # noqa: E402  (the model: a tiny tied-embedding transformer)
 
 
 @contextlib.contextmanager
@@ -364,49 +281,8 @@ def train_snapshots(
         "loss_first10_mean": repr(_mean(losses[:10])),
         "loss_last10_mean": repr(_mean(losses[-10:])),
     }
-    _atomic_save({HISTORY_KEY: history}, out, metadata)
+    store.write_safetensors({HISTORY_KEY: history}, out, metadata)
     return out
-
-
-def _safetensors_bytes_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors header (length prefix + JSON) with keys in sorted order.
-
-    ``safetensors.torch.save_file`` serialises its header from a Rust hash map whose order changes
-    from process to process, so two identical runs would not give identical files; this writer
-    is byte-for-byte reproducible and is read by any safetensors reader.
-    """
-    dtypes = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
-    return struct.pack("<Q", len(blob)) + blob
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file under a temporary name in ``out``'s folder, then rename it."""
-    if sys.byteorder != "little":  # safetensors data are little-endian
-        raise RuntimeError("writing safetensors from a big-endian host is not supported")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(_safetensors_bytes_header(tensors, metadata))
-            for name in sorted(tensors):
-                t = tensors[name].detach().contiguous().cpu()
-                fh.write(t.view(torch.uint8).reshape(-1).numpy().tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,19 +7,16 @@ after Hydra turns the exception into ``sys.exit(1)``.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
 import os
 import random
 import resource
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -191,63 +188,3 @@ def job_run(cfg: DictConfig, run_dir: Path, job_num: int | None = None, log_file
                 rl.artifact(log_file)
         finally:
             retry(lambda: client.set_terminated(rl.run_id, status))
-
-
-class SweepParentRun(Callback):
-    """Hydra callback: a multirun sweep gets one parent MLflow run; its jobs become children.
-
-    Runs in the launching process before any job starts, so it also creates the experiment
-    once (parallel jobs on a fresh SQLite store would race on it). The id travels to the jobs
-    in an environment variable, which launchers' worker processes inherit.
-    """
-
-    def __init__(self) -> None:
-        self.client: MlflowClient | None = None
-        self.run_id: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        uri = tracking_uri(config.tracking.uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)
-        overrides = list(config.hydra.overrides.task)
-        run = retry(lambda: self.client.create_run(
-            exp_id,
-            run_name=f"sweep:{config.task.name}",
-            tags={"embdist.sweep": "parent", "embdist.sweep_dir": str(config.hydra.sweep.dir),
-                  "embdist.overrides": " ".join(overrides)},
-        ))
-        self.run_id = run.info.run_id
-        os.environ[PARENT_ENV] = self.run_id
-        atexit.register(self._close, RunStatus.to_string(RunStatus.FAILED))
-        log.info("MLflow parent run %s for this sweep", self.run_id)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.run_id is None:
-            return
-        children = retry(lambda: self.client.search_runs(
-            [self.client.get_run(self.run_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
-        ))
-        failed = [r for r in children if r.info.status != "FINISHED"]
-        self.client.log_metric(self.run_id, "jobs", len(children))
-        self.client.log_metric(self.run_id, "jobs_failed", len(failed))
-        problems = []
-        if failed:
-            first = min(failed, key=lambda r: r.info.start_time)
-            problems.append(f"{len(failed)} of {len(children)} jobs failed (first: {first.info.run_name}: "
-                            f"{first.data.tags.get('error', first.info.status)})")
-        end_error = retry(lambda: self.client.get_run(self.run_id)).data.tags.get("error")
-        if end_error:      # set by a step at the sweep's end (the vocab shard merge)
-            problems.append(end_error)
-        if problems:
-            retry(lambda: self.client.set_tag(self.run_id, "error", "; ".join(problems)))
-        self._close(RunStatus.to_string(RunStatus.FAILED if problems else RunStatus.FINISHED))
-        if problems:  # the sweep ran every job; its exit status says that some failed
-            print(f"embdist: error: sweep {config.hydra.sweep.dir}: {'; '.join(problems)}", file=sys.stderr)
-            sys.exit(2)
-
-    def _close(self, status: str) -> None:
-        if self.run_id is not None and self.client is not None:
-            run_id, self.run_id = self.run_id, None
-            os.environ.pop(PARENT_ENV, None)
-            retry(lambda: self.client.set_terminated(run_id, status))

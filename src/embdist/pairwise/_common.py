@@ -1,10 +1,11 @@
 """Shared helpers: argument checks, identical-row groups, GEMM error model, rounding guards."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 METRICS = ("euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine")
@@ -73,63 +74,6 @@ def check_input(x: torch.Tensor, ndim: int, what: str) -> torch.Tensor:
 def to_f32_cpu(x: torch.Tensor) -> torch.Tensor:
     """float32, C-contiguous, on the CPU (exact conversion from bf16/fp16)."""
     return x.detach().to("cpu", torch.float32).contiguous()
-
-
-def row_groups(x32: torch.Tensor, hash_rows=None) -> np.ndarray:
-    """groups[i] = smallest index j with row j == row i elementwise (-0.0 == 0.0).
-
-    Rows are hashed (a 64-bit linear hash of the canonical float bits), equal
-    hashes are verified exactly, so the result is exact whatever the hash does.
-    ``hash_rows(h, blocks)`` may fill h instead (the native kernels' hash, on threads); blocks
-    are (r0, r1) row ranges of about 4M values each.
-    """
-    a = x32.numpy()
-    n, d = a.shape
-    groups = np.arange(n, dtype=np.int64)
-    if n < 2:
-        return groups
-    if d == 0:
-        groups[:] = 0
-        return groups
-    h = np.empty(n, dtype=np.uint64)
-    step = max(1, (1 << 22) // d)
-    blocks = [(s, min(n, s + step)) for s in range(0, n, step)]
-    if hash_rows is not None:
-        hash_rows(h, blocks)
-    else:
-        w = np.random.default_rng(0x5EED).integers(1, 2**63 - 1, size=d, dtype=np.uint64) | np.uint64(1)
-        for r0, r1 in blocks:
-            blk = (a[r0:r1] + np.float32(0.0)).view(np.uint32).astype(np.uint64)
-            h[r0:r1] = (blk * w).sum(axis=1, dtype=np.uint64)
-    _groups_from_hash(a, h, groups)
-    return groups
-
-
-def equal_hash_runs(h: np.ndarray):
-    """Index arrays (ascending) of the rows sharing one hash value, for every value held by two
-    or more rows: the candidates of a duplicate group, to be verified elementwise."""
-    n = len(h)
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    cut = np.flatnonzero(hs[1:] != hs[:-1]) + 1
-    starts = np.concatenate(([0], cut))
-    ends = np.concatenate((cut, [n]))
-    for k in np.flatnonzero(ends - starts > 1):
-        yield order[starts[k]:ends[k]]          # ascending (stable sort)
-
-
-def _groups_from_hash(a: np.ndarray, h: np.ndarray, groups: np.ndarray) -> None:
-    for idx in equal_hash_runs(h):
-        rows = a[idx]
-        if bool((rows == rows[0]).all()):
-            groups[idx] = idx[0]
-        else:                                   # hash collision (or NaN): split exactly
-            bits = (rows + np.float32(0.0)).view(np.uint32)
-            _, inv = np.unique(bits, axis=0, return_inverse=True)
-            inv = inv.reshape(-1)
-            for g in np.unique(inv):
-                members = idx[inv == g]
-                groups[members] = members.min()
 
 
 @dataclass
@@ -216,3 +160,30 @@ def to_dtype_keep_nonzero(res: torch.Tensor, nonzero: torch.Tensor, dtype: torch
         fi = torch.finfo(dtype)
         r[bad] = fi.smallest_normal * fi.eps   # smallest positive subnormal
     return r
+
+
+@contextlib.contextmanager
+def progress_bar(progress: bool, total: int, desc: str):
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=desc, unit="tile", leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def native_lib(dev: torch.device):
+    """The native library when the CPU path should use it, else None."""
+    choice = os.environ.get("EMBDIST_PAIRWISE_BACKEND", "auto")
+    if choice not in ("auto", "native", "generic"):
+        raise ValueError(f"EMBDIST_PAIRWISE_BACKEND must be auto, native or generic, got {choice!r}")
+    if dev.type != "cpu" or choice == "generic":
+        return None
+    from . import _native
+    lib = _native.load()
+    if lib is None and choice == "native":
+        raise RuntimeError(f"native kernels requested but unavailable: {_native.load_error()}")
+    return lib

@@ -106,16 +106,6 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def row_groups(lib, x32: torch.Tensor) -> np.ndarray:
-    """C.row_groups with the native row hash computed on the worker threads."""
-    n, d = x32.shape
-
-    def hash_rows(h, blocks):
-        run_parallel(blocks, lambda r: lib.emb_row_hash(_ptr(x32), n, d, r[0], r[1], _ptr(h)))
-
-    return C.row_groups(x32, hash_rows)
-
-
 def centre(lib, x32: torch.Tensor):
     """Column means (float64 sums, rounded to float32) and max |fl(x - mu)|, in C on the threads."""
     n, d = x32.shape

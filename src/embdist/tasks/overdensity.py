@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embdist import geometry, groups, pairwise as engine, plots, sources, store, tables, tokens
-from embdist.tasks import survey
+from embdist import pairwise as engine, plots, rows, selection, store, tables, tokens
+from embdist.config import Config
+from embdist.errors import InputError
 from embdist.pairwise import nearest_neighbours
 from embdist.tracking import RunLog
 
@@ -24,43 +25,14 @@ def key_for(metric: str) -> str:
     return KEYS.get(metric, f"{metric}_distances")
 
 
-def run(cfg, rl: RunLog, out_dir: Path) -> dict:
+def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
     if cfg.task.out_of_core and cfg.task.dtype != "float32":
-        raise sources.InputError(f"task.out_of_core=true writes the engine's float32 matrices in place, "
+        raise InputError(f"task.out_of_core=true writes the engine's float32 matrices in place, "
                                  f"not task.dtype={cfg.task.dtype}; set task.dtype=float32 or task.out_of_core=false")
-    path = cfg.model.path or sources.packaged_minilm_path()
-    with rl.stage("load"):
-        m = sources.load_matrix(path, cfg.model.tensor)
-    w = m.tensor
-    n_rows, dim = w.shape
-    log.info("Loaded %s from %s: %s %s", m.name, m.path, tuple(w.shape), w.dtype)
-    rl.tag("embdist.tensor", m.name)
-    rl.tag("embdist.tensor_file", m.path)
-    w, kept = sources.finite_rows(w, drop=cfg.model.drop_nonfinite, what=f"{m.name} in {m.path}")
-    if kept is not None:
-        rl.metrics({"n_rows_nonfinite_dropped": n_rows - len(kept)})
-    for key in ("north", "meridian", "equinox"):
-        number = cfg.basis[key]
-        if abs(number) > dim:
-            raise sources.InputError(f"basis.{key}={number} is beyond the matrix's {dim} dimensions; use ±1..±{dim}")
-
-    with rl.stage("pca"):
-        pcs = geometry.pca(w)
-    vec = {k: geometry.pc_vector(pcs, cfg.basis[k]) for k in ("north", "meridian", "equinox")}
-    with rl.stage("sky"):
-        sky = geometry.sky_coordinates(w, vec["north"], vec["meridian"], vec["equinox"])
-        box = survey.resolve_box(cfg, sky, rl)  # the bbox's numbers, or bbox=auto's region
-        ids = torch.where(geometry.in_box(sky, **box))[0]
+    chosen = selection.select_rows(cfg, use_bbox=True, rl=rl)
+    m, ids, sky, box = chosen.matrix, chosen.ids, chosen.sky, chosen.box
+    n_rows, dim = m.tensor.shape
     n = len(ids)
-    log.info("Found %s tokens in bounding box %s", f"{n:,}", box)
-    if kept is not None:
-        ids = kept[ids]  # token ids of the original matrix
-    if n < 2:
-        wider, n_wider = geometry.nearest_wider_box(sky, box)
-        wider = ", ".join(f"bbox.{k}={v:g}" for k, v in wider.items())
-        raise sources.InputError(
-            f"the bounding box selects {n} token(s) of {n_rows:,}; the nearest wider box ({wider}) holds {n_wider:,}"
-        )
     n_pairs = n * (n - 1) // 2
     rl.metrics({"n_rows": n_rows, "n_tokens": n, "n_pairs": n_pairs})
 
@@ -76,10 +48,10 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
                      "or use task=vocab (no N x N matrix)",
                      cfg.task.memory_limit_gb)
 
-    x = m.tensor[ids]  # stored dtype (bf16 for Qwen) until the engine computes in fp32
+    x = chosen.x  # stored dtype (bf16 for Qwen) until the engine computes in fp32
     tensors: dict[str, torch.Tensor] = {"spike_token_ids": ids}
     summary = {"n_tokens": n, "n_pairs": n_pairs}
-    dup = groups.duplicate_groups(x)
+    dup = rows.duplicate_groups(x)
     rl.metrics({"duplicate_groups": len(dup), "distinct_vectors": n - sum(len(g) - 1 for g in dup)})
     meta = {"model": cfg.model.name, "tensor": m.name, "metrics": ",".join(metrics)}
     nn_ids = nn_dist = None
@@ -125,13 +97,13 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         group_of = np.full(n, -1)
         for gi, g in enumerate(dup):
             group_of[g] = gi
-        sel = ids if kept is None else torch.searchsorted(kept, ids)  # rows of the analysed matrix
+        sel = chosen.sel  # rows of the analysed matrix
         norms = x.to(torch.float64).norm(dim=1)
         rl.table(tables.write_csv(out_dir / "tokens.csv", {
             "id": ids.tolist(), "string": [t.string for t in infos], "category": [t.category for t in infos],
             "lat": sky.lat[sel].tolist(), "lon": sky.lon[sel].tolist(), "r": sky.r[sel].tolist(),
             "norm": norms.tolist(), "duplicate_group": group_of.tolist(),
-            f"nearest_id": ids[nn_ids].tolist(), f"nearest_{nn_metric}": nn_dist.tolist(),
+            "nearest_id": ids[nn_ids].tolist(), f"nearest_{nn_metric}": nn_dist.tolist(),
         }))
         rl.table(tables.write_csv(out_dir / "duplicate_groups.csv", {
             "group": list(range(len(dup))), "size": [len(g) for g in dup],
@@ -146,11 +118,9 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
                                     f"equinox PC{cfg.basis.equinox})"))
         if dup:
             rl.plot(plots.group_sizes([len(g) for g in dup], out_dir / "group_sizes.png"))
-        all_ids = np.arange(len(sky.lat)) if kept is None else kept.numpy()  # the same page as task=survey, its box drawn
-        every = tokens.describe_tokens(tok, all_ids)
-        page = survey.write_html(out_dir / "sky_map.html", all_ids, sky, [t.string for t in every],
-                                 [t.category for t in every], survey.group_labels(w), [], box,
-                                 f"{cfg.model.name}: PCA sky and the box")
+        from embdist.tasks import survey  # the same page as task=survey, with this run's box
+
+        page = survey.sky_page(out_dir / "sky_map.html", chosen, tok, [], box, f"{cfg.model.name}: PCA sky and the box")
         rl.artifact(page, "html")
     return summary
 

@@ -5,7 +5,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from embdist import groups, pairwise as engine, paths, plots, sources, store, tables
+from embdist import pairwise as engine, paths, plots, rows, sources, store, tables
 from embdist.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
     t, v, _ = history.shape
     n_pairs = v * (v - 1) // 2
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
-    distinct = groups.distinct_vectors_per_step(history)
+    distinct = rows.distinct_per_step(history)
     rl.series("distinct_vectors", distinct.tolist())
     log.info("Computing %s distances for %s snapshots of %d tokens", " and ".join(metrics), f"{t:,}", v)
     with rl.stage("pairwise"):  # one fused pass over every snapshot for all metrics
@@ -122,7 +122,7 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
         rl.table(tables.write_csv(out_dir / "snapshots.csv", columns))
         rl.plot(plots.snapshot_curves(curves, distinct, out_dir / "snapshot_curves.png",
                                       title=f"{cfg.history.name}: {t:,} snapshots of {v} tokens"))
-        final_groups = groups.duplicate_groups(history[-1])
+        final_groups = rows.duplicate_groups(history[-1])
         if final_groups:
             rl.plot(plots.group_sizes([len(g) for g in final_groups], out_dir / "group_sizes.png"))
     log.info("Distinct vectors: %d at step 0, %d at the final step", distinct[0], distinct[-1])

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embdist import flags, geometry, groups, regions as regions_mod, sources, tables, tokens
+from embdist import flags, geometry, regions as regions_mod, rows, selection, tables, tokens
+from embdist.config import Config
+from embdist.errors import InputError
 from embdist.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,10 @@ def resolve_box(cfg, sky: geometry.Sky, rl: RunLog | None = None) -> dict:
         return box
     found = detect(cfg, sky)
     if not found:
-        raise sources.InputError(f"bbox.region={n}: the survey found no over-dense region (survey.min_significance="
+        raise InputError(f"bbox.region={n}: the survey found no over-dense region (survey.min_significance="
                                  f"{cfg.survey.min_significance}); give the box's numbers instead of bbox=auto")
     if n > len(found):
-        raise sources.InputError(f"bbox.region={n}: the survey found {len(found)} region(s); choose bbox.region=1.."
+        raise InputError(f"bbox.region={n}: the survey found {len(found)} region(s); choose bbox.region=1.."
                                  f"{len(found)} (python -m embdist task=survey lists them)")
     g = found[n - 1]
     box = g.box()
@@ -59,32 +61,12 @@ def resolve_box(cfg, sky: geometry.Sky, rl: RunLog | None = None) -> dict:
     return box
 
 
-def load_sky(cfg, rl: RunLog):
-    """Matrix, finite rows, their token ids, PCA and sky (stages load, pca, sky)."""
-    path = cfg.model.path or sources.packaged_minilm_path()
-    with rl.stage("load"):
-        m = sources.load_matrix(path, cfg.model.tensor)
-    w, kept = sources.finite_rows(m.tensor, drop=cfg.model.drop_nonfinite, what=f"{m.name} in {m.path}")
-    dim = w.shape[1]
-    for key in ("north", "meridian", "equinox"):
-        number = getattr(cfg.basis, key)
-        if abs(number) > dim:
-            raise sources.InputError(f"basis.{key}={number} is beyond the matrix's {dim} dimensions; use ±1..±{dim}")
-    with rl.stage("pca"):
-        pcs = geometry.pca(w)
-    with rl.stage("sky"):
-        vec = {k: geometry.pc_vector(pcs, getattr(cfg.basis, k)) for k in ("north", "meridian", "equinox")}
-        sky = geometry.sky_coordinates(w, vec["north"], vec["meridian"], vec["equinox"])
-    ids = kept if kept is not None else torch.arange(w.shape[0])
-    return m, w, ids.numpy().astype(np.int64), pcs, sky
-
-
 def group_labels(w) -> np.ndarray:
-    """Per row: the smallest row index of its exact-duplicate group, -1 for a unique row."""
-    labels = np.full(w.shape[0], -1, dtype=np.int64)
-    for g in groups.duplicate_groups(w):
-        labels[g] = g[0]
-    return labels
+    """Per row: the smallest row index of its exact-duplicate group (``embdist.rows``), -1 for
+    a row identical to no other."""
+    labels = rows.row_groups(w)
+    size = np.bincount(labels, minlength=len(labels))
+    return np.where(size[labels] > 1, labels, -1).astype(np.int64)
 
 
 def token_table(cfg, tensor_file, ids: np.ndarray):
@@ -98,13 +80,13 @@ def token_table(cfg, tensor_file, ids: np.ndarray):
     return tok, tokens.describe_tokens(tok, ids)
 
 
-def run(cfg, rl: RunLog, out_dir: Path) -> dict:
+def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
-    m, w, ids, pcs, sky = load_sky(cfg, rl)
+    with rl.stage("load"):
+        m, w, kept = selection.load(cfg, rl)
+    pcs, sky = selection.sky_of(cfg, w, rl)
+    ids = (kept if kept is not None else torch.arange(w.shape[0])).numpy().astype(np.int64)
     n = len(ids)
-    log.info("Loaded %s from %s: %s %s", m.name, m.path, tuple(m.tensor.shape), m.tensor.dtype)
-    rl.tag("embdist.tensor", m.name)
-    rl.tag("embdist.tensor_file", m.path)
     with rl.stage("regions"):
         found = detect(cfg, sky)
     with rl.stage("duplicates"):
@@ -160,6 +142,14 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
 
 def region_dict(g: regions_mod.Region) -> dict:
     return {"rank": g.rank, **g.box(), "tokens": g.tokens, "expected": g.expected, "significance": g.significance}
+
+
+def sky_page(path, chosen: selection.Selection, tok, boxes, box, title) -> Path:
+    """The interactive page of every row of a selection (task=overdensity: its box drawn)."""
+    ids = (chosen.kept if chosen.kept is not None else torch.arange(chosen.w.shape[0])).numpy().astype(np.int64)
+    infos = tokens.describe_tokens(tok, ids)
+    return write_html(path, ids, chosen.sky, [t.string for t in infos], [t.category for t in infos],
+                      group_labels(chosen.w), boxes, box, title)
 
 
 def write_html(path, ids, sky, strings, cats, label, boxes, box, title) -> Path:

@@ -1,7 +1,7 @@
 """Whole vocabulary without an N x N matrix: groups, exact neighbours and distance statistics.
 
 Every row of the matrix (or, with ``vocab.use_bbox=true``, the tokens inside the bbox) goes
-through the engine's streaming pass (``embdist.pairwise._stream``), one pass per metric. With
+through the engine's streaming pass (``embdist.pairwise.stream``), one pass per metric. With
 ``shard.count > 1`` the job computes only its share of the row blocks and writes a partial
 (``vocab_shard.npz``); ``embdist.merge`` combines the shards of a sweep into exactly the
 single-process result, in the launching process (Hydra callback) or by hand
@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from embdist import geometry, plots, sources, store, tables, tokens
-from embdist.pairwise import _stream
+from embdist import config, plots, selection, store, tables, tokens
+from embdist.config import Config
+from embdist.errors import InputError
+from embdist.pairwise import stream
 from embdist.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -32,51 +33,36 @@ PLOT_BINS = 400
 MEMBERS_SHOWN = 8
 
 
-def load_selection(cfg, rl=None):
+def load_selection(cfg: Config):
     """The matrix rows to analyse (stored dtype) and their token ids; the LoadedMatrix."""
-    path = cfg.model.path or sources.packaged_minilm_path()
-    m = sources.load_matrix(path, cfg.model.tensor)
-    w = m.tensor
-    w, kept = sources.finite_rows(w, drop=cfg.model.drop_nonfinite, what=f"{m.name} in {m.path}")
-    ids = kept if kept is not None else torch.arange(w.shape[0])
-    if cfg.vocab.use_bbox:
-        pcs = geometry.pca(w)
-        vec = {k: geometry.pc_vector(pcs, cfg.basis[k]) for k in ("north", "meridian", "equinox")}
-        sky = geometry.sky_coordinates(w, vec["north"], vec["meridian"], vec["equinox"])
-        from embdist.tasks import survey  # the bbox's numbers, or bbox=auto's region
-
-        sel = torch.where(geometry.in_box(sky, **survey.resolve_box(cfg, sky, rl)))[0]
-        if len(sel) < 2:
-            raise sources.InputError(f"the bounding box selects {len(sel)} token(s) of {w.shape[0]:,}; widen the bbox "
-                                     "or set vocab.use_bbox=false")
-        w, ids = w[sel], ids[sel]
-    return w, ids, m
+    chosen = selection.select_rows(cfg, use_bbox=cfg.vocab.use_bbox)
+    return chosen.x, chosen.ids, chosen.matrix
 
 
 def metrics_of(cfg) -> list[str]:
     names = list(cfg.metric.names)
-    bad = [n for n in names if n not in _stream.STREAM_METRICS]
+    bad = [n for n in names if n not in stream.STREAM_METRICS]
     if bad:
-        raise sources.InputError(f"task=vocab streams {' and '.join(_stream.STREAM_METRICS)} only; "
+        raise InputError(f"task=vocab streams {' and '.join(stream.STREAM_METRICS)} only; "
                                  f"metric {', '.join(bad)} is not supported (use metric=euclidean, chebyshev or both)")
     return names
 
 
 def group_key(cfg) -> str:
     """Identity of a sharded run: the resolved config without shard.index (and progress)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = config.as_dict(cfg)
     c.get("shard", {}).pop("index", None)
     c.get("task", {}).pop("progress", None)
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run(cfg, rl: RunLog, out_dir: Path) -> dict:
+def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
     metrics = metrics_of(cfg)
     if cfg.task.device not in ("cpu", "auto"):
-        raise sources.InputError(f"task=vocab runs on the CPU (native kernels); set task.device=cpu, not {cfg.task.device!r}")
+        raise InputError(f"task=vocab runs on the CPU (native kernels); set task.device=cpu, not {cfg.task.device!r}")
     v, sh = cfg.vocab, cfg.shard
     with rl.stage("load"):
-        x, ids, m = load_selection(cfg, rl)
+        x, ids, m = load_selection(cfg)
     n, dim = x.shape
     log.info("Loaded %s from %s: %s %s; analysing %s rows", m.name, m.path, tuple(m.tensor.shape), x.dtype, f"{n:,}")
     rl.tag("embdist.tensor", m.name)
@@ -93,21 +79,21 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         log.info("Streaming %s distances over %s pairs (shard %d of %d)", metric, f"{n * (n - 1) // 2:,}",
                  sh.index, sh.count)
         with rl.stage(f"stream_{metric}"):
-            parts[metric] = _stream.stream(x, metric, k=v.k, radii=list(v.radii), bins=v.bins, hist_max=v.hist_max,
+            parts[metric] = stream.stream_pass(x, metric, k=v.k, radii=list(v.radii), bins=v.bins, hist_max=v.hist_max,
                                            near_steps=v.near_steps if i == 0 else None, shard=(sh.index, sh.count),
                                            progress=cfg.task.progress)
         rl.metrics({f"{metric}/pairs_streamed": parts[metric].pairs, f"{metric}/flagged_pairs": parts[metric].flagged})
     if sh.count > 1:
-        info = {"config": OmegaConf.to_container(cfg, resolve=True), "group": group_key(cfg),
+        info = {"config": config.as_dict(cfg), "group": group_key(cfg),
                 "shard": [sh.index, sh.count], "tensor_file": str(m.path), "tensor": m.name}
         with rl.stage("save"):
-            path = _stream.save_partials(out_dir / SHARD_FILE, parts, extra={"token_ids": ids.numpy()}, info=info)
+            path = stream.save_partials(out_dir / SHARD_FILE, parts, extra={"token_ids": ids.numpy()}, info=info)
         rl.output("shard", path)
         rl.tag("embdist.shard", f"{sh.index}/{sh.count}")
         log.info("Shard %d of %d written to %s; the merge combines the shards", sh.index, sh.count, path)
         return {"shard": sh.index, "path": str(path)}
     with rl.stage("finalize"):
-        results = {metric: _stream.finalize(x, p) for metric, p in parts.items()}
+        results = {metric: stream.finalize(x, p) for metric, p in parts.items()}
     return report(results, ids, out_dir, rl, cfg, m.path)
 
 

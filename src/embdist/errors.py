@@ -1,0 +1,27 @@
+"""The one user-error type and the mapping of a full disk onto it.
+
+Imports nothing heavy: ``--help`` and config errors must not pull in torch or MLflow.
+"""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+# A full disk, a quota or a file-size limit: the user's to fix, not ours.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class InputError(ValueError):
+    """Bad user input: the message names the value and the fix; printed without a traceback."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def disk_error(e: OSError, path: Path | str, doing: str) -> Exception:
+    """InputError for a full disk (one line, with the fix), else ``e`` itself."""
+    if is_disk_full(e):
+        return InputError(f"{e.strerror} while {doing} {str(path)!r}; free space there or set hydra.run.dir "
+                          "to a larger disk (nothing was left under the final name)")
+    return e
