@@ -36,7 +36,9 @@ explicit background model, with a Poisson significance, rather than a clustering
    apertures are tried over all scales, so the default threshold of 5 sigma (local p = 2.9e-7)
    leaves a pure background with one false region in a few hundred surveys.
 4. **Regions.** The most significant aperture becomes a region; apertures whose centre lies
-   within the larger of the two radii are suppressed (one region per place), and so on.
+   within the larger of the two radii, or inside its box, are suppressed (one region per
+   place), and so on down the list (an aperture that yields no acceptable region suppresses
+   nothing).
    Its r range is the interval (between quantiles of the cap's r values) where the excess
    is most significant against the r distribution of the tokens around the cap (an annulus
    of 1.5 to 3 radii): this makes the region compact in r.  Its box is the extent of the
@@ -338,9 +340,13 @@ def _detect(lat, lon, r, *, scales=DEFAULT_SCALES, degree: int = 6, min_signific
         bg.fit(u, [(unit_vectors(g.centre_lat, g.centre_lon), g.radius_deg * 1.2) for g in regions])
         peaks = _peaks(tree, bg, scales, min_significance, min_excess, counts)
         regions = []
+        tried = 0
         for c, theta, _sig in peaks:
-            if len(regions) >= max_regions or not _free(c, theta, regions, lat, lon):
+            if len(regions) >= max_regions or tried >= 3 * max_regions:
+                break
+            if not _free(c, theta, regions, lat, lon):
                 continue
+            tried += 1
             g = _region(c, theta, sky, bg, core_significance)
             if (g is None or g.significance < min_significance or g.excess < min_excess
                     or g.r_fraction > max_r_fraction):
@@ -369,7 +375,8 @@ def _free(c, theta, regions, lat, lon) -> bool:
 
 
 def _peaks(tree, bg, scales, min_sig, min_excess, cache: dict) -> list[tuple[np.ndarray, float, float]]:
-    """Local maxima of the significance at each scale, then over scales, most significant first."""
+    """Local maxima of the significance at each scale, all scales together, most significant first
+    (across scales a peak is suppressed only by a region actually made: see detect)."""
     found = []
     for theta in scales:
         if theta not in cache:
@@ -396,12 +403,7 @@ def _peaks(tree, bg, scales, min_sig, min_excess, cache: dict) -> list[tuple[np.
             found.append((float(s[i]), theta, cs[i]))
             gone[gtree.query_ball_point(cs[i], chord(theta))] = True
     found.sort(key=lambda t: -t[0])
-    out: list[tuple[np.ndarray, float, float]] = []
-    for sig, theta, c in found:  # across scales: one peak per place, the most significant scale
-        if any(float(c @ c2) >= math.cos(math.radians(max(theta, t2))) for c2, t2, _ in out):
-            continue
-        out.append((c, theta, sig))
-    return out
+    return [(c, theta, sig) for sig, theta, c in found]
 
 
 def _region(c, theta, sky, bg, core_sig) -> Region | None:
