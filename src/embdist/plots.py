@@ -133,13 +133,7 @@ def sky_map(lat, lon, r, bbox: Mapping | None, path: str | os.PathLike,
     fig.colorbar(hr, ax=ax_r, label="mean r in hexagon (1st-99th percentile scale)")
     ax_r.set_title("Radius r = |(x, y, z)|")
     for ax in (ax_den, ax_r):
-        ax.set_xlim(-180, 180)
-        ax.set_ylim(-90, 90)
-        ax.set_xticks(range(-180, 181, 60))
-        ax.set_yticks(range(-90, 91, 30))
-        ax.set_xlabel("longitude (°)")
-        ax.set_ylabel("latitude (°)")
-        ax.grid(True, lw=0.3, alpha=0.5)
+        sky_axes(ax)
 
     if b is not None:
         window = in_box(lat, lon, r, {**b, "r_min": -math.inf, "r_max": math.inf})  # wrap-aware
@@ -194,6 +188,17 @@ def sky_map(lat, lon, r, bbox: Mapping | None, path: str | os.PathLike,
     fig.suptitle(title + sub)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def sky_axes(ax) -> None:
+    """The whole sky in longitude/latitude, ticks every 60/30 degrees, a light grid."""
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_xticks(range(-180, 181, 60))
+    ax.set_yticks(range(-90, 91, 30))
+    ax.set_xlabel("longitude (°)")
+    ax.set_ylabel("latitude (°)")
+    ax.grid(True, lw=0.3, alpha=0.5)
 
 
 def _box(ax, b: dict) -> None:

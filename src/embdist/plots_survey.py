@@ -45,13 +45,7 @@ def survey_sky_map(lat, lon, r, regions: Sequence[dict], path: str | os.PathLike
     fig.colorbar(hb, ax=ax, label="tokens per hexagon (log)")
     for g in regions:
         draw_box(ax, g, REGION_COLOUR, str(g["rank"]))
-    ax.set_xlim(-180, 180)
-    ax.set_ylim(-90, 90)
-    ax.set_xticks(range(-180, 181, 60))
-    ax.set_yticks(range(-90, 91, 30))
-    ax.set_xlabel("longitude (°)")
-    ax.set_ylabel("latitude (°)")
-    ax.grid(True, lw=0.3, alpha=0.5)
+    plots.sky_axes(ax)
     ax.set_title(f"{plots._fmt(len(lat))} tokens, {len(regions)} regions (boxes, ranked by excess)")
 
     edges = np.histogram_bin_edges(r, bins=120)
