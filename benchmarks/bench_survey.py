@@ -87,7 +87,9 @@ def main() -> int:
     beyond = 267
     cfg = SimpleNamespace(basis=BasisConfig(), survey=SurveyConfig())
     x = planted(a.n, a.d)
-    dead = np.flatnonzero((x.float() - x[survey.group_labels(x) >= 0][0].float()).abs().max(1).values <= 0.01)
+    centre = x[int(np.flatnonzero(survey.group_labels(x) >= 0)[0])].float()
+    dead = np.concatenate([np.flatnonzero((x[i:i + 8192].float() - centre).abs().amax(1).numpy() <= 0.01)
+                           + i for i in range(0, len(x), 8192)])  # the planted rows, found chunk by chunk
     t0 = time.perf_counter()
     geometry.pca(x)
     t_pca = time.perf_counter() - t0

@@ -74,6 +74,7 @@ def test_tokens_csv_against_references(survey_run):
     dup = counts[inv.ravel()] > 1
     assert np.array_equal(np.array([int(t["duplicate_group"]) >= 0 for t in rows]), dup)
     assert run.data.metrics["duplicate_tokens"] == dup.sum()
+    assert run.data.metrics["distinct_vectors"] == len(counts)
     # reachability one id at a time
     tok = tokens.load_tokenizer(path)
     tok.no_padding()  # MiniLM's tokenizer.json pads every encoding to 128 ids
@@ -92,6 +93,7 @@ def test_tokens_csv_against_references(survey_run):
     ref = 1 - red @ m / (np.linalg.norm(red, axis=1) * np.linalg.norm(m))
     np.testing.assert_allclose([float(t["magikarp"]) for t in rows], ref, rtol=1e-9, atol=1e-12)
     assert ref[unused].mean() < ref[~unused].mean()
+    assert run.data.metrics["magikarp_reference_rows"] == unused.sum() == 994
     # region column: the first region whose box holds the row
     reg = read_csv(run_dir / "regions.csv")
     label = np.zeros(len(w), int)

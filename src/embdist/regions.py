@@ -430,8 +430,13 @@ def _region(c, theta, sky, bg, core_sig) -> Region | None:
     if dense.sum() < 2:
         return None
     cand = pts[dense]
-    pairs = cKDTree(u[cand]).query_pairs(chord(rho), output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(cand), len(cand)))
+    # Friends of friends through each token's 12 nearest neighbours within rho: memory ~ 12 n
+    # however dense the core (all pairs within rho would be ~n^2 at large scales).
+    k = min(13, len(cand))
+    dist, nb = cKDTree(u[cand]).query(u[cand], k=k, distance_upper_bound=chord(rho))
+    src = np.repeat(np.arange(len(cand)), k).reshape(len(cand), k)
+    link = np.isfinite(dist)
+    graph = coo_matrix((np.ones(int(link.sum())), (src[link], nb[link])), shape=(len(cand), len(cand)))
     _, comp = connected_components(graph, directed=False)
     in_cap = u[cand] @ c >= math.cos(math.radians(theta))
     core = cand[np.isin(comp, np.unique(comp[in_cap]))]
