@@ -355,12 +355,24 @@ def _detect(lat, lon, r, *, scales=DEFAULT_SCALES, degree: int = 6, min_signific
                    for k in regions):
                 continue
             regions.append(g)
+        regions = _nested_out(regions)
         if not regions:
             break
     regions.sort(key=lambda g: -g.excess)
     for i, g in enumerate(regions):
         g.rank = i + 1
     return regions
+
+
+def _nested_out(regions: list[Region]) -> list[Region]:
+    """One region per clump: a region whose tokens are mostly (> 50 %) in a region of larger
+    excess is dropped (found at another scale, or a part of it)."""
+    kept: list[Region] = []
+    for g in sorted(regions, key=lambda g: -g.excess):
+        if not any(len(np.intersect1d(g.members, k.members, assume_unique=True)) > 0.5 * len(g.members)
+                   for k in kept):
+            kept.append(g)
+    return kept
 
 
 def _free(c, theta, regions, lat, lon) -> bool:
