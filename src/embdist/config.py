@@ -71,8 +71,11 @@ class BBoxConfig:
     lon_max: float = 180.0
     r_min: float = 0.0
     r_max: float = float("inf")
+    region: Optional[int] = None  # N: the survey's Nth detected region instead of the numbers (bbox=auto sets 1)
 
     def __post_init__(self):
+        if self.region is not None and self.region < 1:
+            raise InputError(f"bbox.region={self.region}: regions are numbered from 1 (the largest excess)")
         for k in ("lat_min", "lat_max"):
             if not -90 <= getattr(self, k) <= 90:
                 raise InputError(f"bbox.{k}={getattr(self, k)} is outside [-90, 90] degrees of latitude")
@@ -81,7 +84,8 @@ class BBoxConfig:
                 raise InputError(f"bbox.{k}={getattr(self, k)} is outside [-180, 180] degrees of longitude")
         if self.r_min < 0:
             raise InputError(f"bbox.r_min={self.r_min} is negative; a radius is at least 0")
-        for lo, hi in (("lat_min", "lat_max"), ("lon_min", "lon_max"), ("r_min", "r_max")):
+        # lon_min > lon_max is a box through +/-180 degrees (as GeoJSON bounding boxes)
+        for lo, hi in (("lat_min", "lat_max"), ("r_min", "r_max")):
             if getattr(self, lo) > getattr(self, hi):
                 raise InputError(f"bbox.{lo}={getattr(self, lo)} is above bbox.{hi}={getattr(self, hi)}; swap them")
 
@@ -175,6 +179,29 @@ class ShardConfig:
 
 
 @dataclass
+class SurveyConfig:
+    """task=survey (and bbox=auto): over-dense regions of the PCA sky, token flags."""
+    scales: List[float] = field(default_factory=lambda: [1.0, 1.5, 2.25, 3.4, 5.0, 7.5, 11.0, 16.0])  # aperture radii, degrees
+    degree: int = 6  # spherical-harmonic degree of the smooth background
+    min_significance: float = 5.0  # Poisson sigma a region needs
+    min_excess: float = 10.0  # tokens above the background a region needs
+    max_regions: int = 20
+    max_r_fraction: float = 0.5  # share of the surrounding tokens a region's r interval may hold
+    untrained_ids: List[int] = field(default_factory=list)  # magikarp reference rows besides beyond_vocab and [unused*]
+    html: bool = True  # write the interactive sky map (sky_map.html)
+
+    def __post_init__(self):
+        if not self.scales or any(not 0 < s <= 45 for s in self.scales):
+            raise InputError(f"survey.scales={list(self.scales)}: give aperture radii in (0, 45] degrees")
+        if not 0 <= self.degree <= 16:
+            raise InputError(f"survey.degree={self.degree} is outside 0..16")
+        if self.max_regions < 1:
+            raise InputError(f"survey.max_regions={self.max_regions}: at least 1")
+        if not 0 < self.max_r_fraction <= 1:
+            raise InputError(f"survey.max_r_fraction={self.max_r_fraction} is outside (0, 1]")
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -186,6 +213,7 @@ class Config:
     vocab: VocabConfig = field(default_factory=VocabConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    survey: SurveyConfig = field(default_factory=SurveyConfig)
     seed: int = 0
 
 

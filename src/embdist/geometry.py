@@ -92,12 +92,11 @@ BOX_KEYS = ("lat_min", "lat_max", "lon_min", "lon_max", "r_min", "r_max")
 
 
 def in_box(sky: Sky, lat_min: float, lat_max: float, lon_min: float, lon_max: float, r_min: float, r_max: float) -> torch.Tensor:
-    """Boolean mask of rows inside the inclusive box (seed cell 8)."""
-    return (
-        (sky.lat >= lat_min) & (sky.lat <= lat_max)
-        & (sky.lon >= lon_min) & (sky.lon <= lon_max)
-        & (sky.r >= r_min) & (sky.r <= r_max)
-    )
+    """Boolean mask of rows inside the inclusive box (seed cell 8); lon_min > lon_max is a box
+    through +/-180 degrees (lon >= lon_min or lon <= lon_max), as GeoJSON bounding boxes."""
+    lon_ok = ((sky.lon >= lon_min) & (sky.lon <= lon_max) if lon_min <= lon_max
+              else (sky.lon >= lon_min) | (sky.lon <= lon_max))
+    return (sky.lat >= lat_min) & (sky.lat <= lat_max) & lon_ok & (sky.r >= r_min) & (sky.r <= r_max)
 
 
 def nearest_wider_box(sky: Sky, box: dict, at_least: int = 2) -> tuple[dict, int]:

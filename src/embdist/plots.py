@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from embdist.atomic import atomic_path
+from embdist.regions import in_box
 
 DPI = 100
 BOX_COLOR = "#d62728"
@@ -86,7 +86,7 @@ def _bbox(bbox: Mapping | None) -> dict | None:
     if unknown:
         raise ValueError(f"unknown bbox keys {sorted(unknown)}; use {', '.join(BBOX_KEYS)}")
     out = {k: float(b[k]) if b.get(k) is not None else _BBOX_DEFAULTS[k] for k in BBOX_KEYS}
-    for lo, hi in (("lat_min", "lat_max"), ("lon_min", "lon_max"), ("r_min", "r_max")):
+    for lo, hi in (("lat_min", "lat_max"), ("r_min", "r_max")):  # lon_min > lon_max wraps through +/-180
         if out[lo] > out[hi]:
             raise ValueError(f"bbox {lo}={out[lo]} is above {hi}={out[hi]}")
     return out
@@ -133,25 +133,21 @@ def sky_map(lat, lon, r, bbox: Mapping | None, path: str | os.PathLike,
     fig.colorbar(hr, ax=ax_r, label="mean r in hexagon (1st-99th percentile scale)")
     ax_r.set_title("Radius r = |(x, y, z)|")
     for ax in (ax_den, ax_r):
-        ax.set_xlim(-180, 180)
-        ax.set_ylim(-90, 90)
-        ax.set_xticks(range(-180, 181, 60))
-        ax.set_yticks(range(-90, 91, 30))
-        ax.set_xlabel("longitude (°)")
-        ax.set_ylabel("latitude (°)")
-        ax.grid(True, lw=0.3, alpha=0.5)
+        sky_axes(ax)
 
     if b is not None:
-        window = (lat >= b["lat_min"]) & (lat <= b["lat_max"]) & (lon >= b["lon_min"]) & (lon <= b["lon_max"])
+        window = in_box(lat, lon, r, {**b, "r_min": -math.inf, "r_max": math.inf})  # wrap-aware
         inside = window & (r >= b["r_min"]) & (r <= b["r_max"])
         n_win, n_in = int(window.sum()), int(inside.sum())
         for ax in (ax_den, ax_r):
             _box(ax, b)
 
         # Zoom: the box with a margin of its own size on each side (at least 10°).
-        mx = max(10.0, min(b["lon_max"] - b["lon_min"], 360.0))
+        mx = max(10.0, min((b["lon_max"] - b["lon_min"]) % 360.0 or 360.0, 360.0))
         my = max(10.0, min(b["lat_max"] - b["lat_min"], 180.0))
         x0, x1 = max(-180.0, b["lon_min"] - mx), min(180.0, b["lon_max"] + mx)
+        if b["lon_min"] > b["lon_max"]:  # through +/-180: both edges of the map
+            x0, x1 = -180.0, 180.0
         y0, y1 = max(-90.0, b["lat_min"] - my), min(90.0, b["lat_max"] + my)
         near = (lon >= x0) & (lon <= x1) & (lat >= y0) & (lat <= y1)
         if near.any():
@@ -194,10 +190,21 @@ def sky_map(lat, lon, r, bbox: Mapping | None, path: str | os.PathLike,
     return _save(fig, path)
 
 
+def sky_axes(ax) -> None:
+    """The whole sky in longitude/latitude, ticks every 60/30 degrees, a light grid."""
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_xticks(range(-180, 181, 60))
+    ax.set_yticks(range(-90, 91, 30))
+    ax.set_xlabel("longitude (°)")
+    ax.set_ylabel("latitude (°)")
+    ax.grid(True, lw=0.3, alpha=0.5)
+
+
 def _box(ax, b: dict) -> None:
-    x0, x1 = max(b["lon_min"], -180.0), min(b["lon_max"], 180.0)
-    y0, y1 = max(b["lat_min"], -90.0), min(b["lat_max"], 90.0)
-    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=BOX_COLOR, lw=1.6, zorder=5))
+    from embdist.plots_survey import draw_box  # also boxes through +/-180 degrees
+
+    draw_box(ax, b)
 
 
 # ------------------------------------------------------------------------- distance histogram

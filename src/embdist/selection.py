@@ -5,7 +5,6 @@ rules, the same refusals, the same messages.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -79,7 +78,9 @@ def select_rows(cfg, use_bbox: bool = True, rl=None) -> Selection:
     if not use_bbox:
         return Selection(m, w, kept, None, None, None, ids_all, w, torch.arange(w.shape[0]))
     pcs, sky = sky_of(cfg, w, rl)
-    box = {k: v for k, v in dataclasses.asdict(cfg.bbox).items() if k in geometry.BOX_KEYS}
+    from embdist.tasks.survey import resolve_box
+
+    box = resolve_box(cfg, sky, rl)  # the bbox's numbers, or with bbox=auto the survey's region bbox.region
     sel = torch.where(geometry.in_box(sky, **box))[0]
     n = len(sel)
     log.info("Found %s tokens in bounding box %s", f"{n:,}", box)

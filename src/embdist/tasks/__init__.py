@@ -13,6 +13,7 @@ TASKS = {
     "overdensity": "embdist.tasks.overdensity",
     "snapshots": "embdist.tasks.snapshots",
     "vocab": "embdist.tasks.vocab",
+    "survey": "embdist.tasks.survey",
 }
 
 

@@ -118,6 +118,10 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
                                     f"equinox PC{cfg.basis.equinox})"))
         if dup:
             rl.plot(plots.group_sizes([len(g) for g in dup], out_dir / "group_sizes.png"))
+        from embdist.tasks import survey  # the same page as task=survey, with this run's box
+
+        page = survey.sky_page(out_dir / "sky_map.html", chosen, tok, [], box, f"{cfg.model.name}: PCA sky and the box")
+        rl.artifact(page, "html")
     return summary
 
 

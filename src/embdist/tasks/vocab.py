@@ -33,9 +33,9 @@ PLOT_BINS = 400
 MEMBERS_SHOWN = 8
 
 
-def load_selection(cfg: Config):
+def load_selection(cfg: Config, rl=None):
     """The matrix rows to analyse (stored dtype) and their token ids; the LoadedMatrix."""
-    chosen = selection.select_rows(cfg, use_bbox=cfg.vocab.use_bbox)
+    chosen = selection.select_rows(cfg, use_bbox=cfg.vocab.use_bbox, rl=rl)  # rl: bbox=auto logs its box
     return chosen.x, chosen.ids, chosen.matrix
 
 
@@ -62,7 +62,7 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
         raise InputError(f"task=vocab runs on the CPU (native kernels); set task.device=cpu, not {cfg.task.device!r}")
     v, sh = cfg.vocab, cfg.shard
     with rl.stage("load"):
-        x, ids, m = load_selection(cfg)
+        x, ids, m = load_selection(cfg, rl)
     n, dim = x.shape
     log.info("Loaded %s from %s: %s %s; analysing %s rows", m.name, m.path, tuple(m.tensor.shape), x.dtype, f"{n:,}")
     rl.tag("embdist.tensor", m.name)
