@@ -29,6 +29,7 @@ def run_task(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     typed = None
+    paths.fill_names(cfg)  # names not given come from the input actually read
     if not sweep:  # a single run refuses a bad value before any MLflow run exists
         typed = OmegaConf.to_object(cfg)  # the typed objects: their __post_init__ checks run before any work
     from embdist.tracking import job_run
