@@ -26,6 +26,7 @@ LOCK_NAME = ".embdist.lock"
 # versions wrote next to the target (no pid: removed only from the folders of dead runs).
 _OWN_TMP = re.compile(r"^\..+\.tmp-(\d+)$")
 _LIB_TMP = re.compile(r"^\.tmp[A-Za-z0-9_]{6,}$")
+_STAGING = re.compile(r"^\.embdist-staging-(\d+)$")  # embdist.outputs: a run's outputs before they commit
 # A finished run leaves one of these in its folder (the tasks' main outputs).
 FINAL_OUTPUTS = ("distances.safetensors", "pairwise_distances.safetensors", "neighbours.safetensors",
                  "vocab_shard.npz")
@@ -113,29 +114,34 @@ def reap(client, experiment_ids: Iterable[str] | None = None) -> list[str]:
 
 
 def remove_dead_temporaries(folder: Path, dead_pids: set[int] | None = None) -> list[Path]:
-    """Remove the temporaries in ``folder`` whose process is gone.  ``.NAME.tmp-PID`` files
-    name their process; the library's nameless ``.tmpXXXX`` files are removed only when
-    ``dead_pids`` says the folder's own run is dead."""
+    """Remove the temporaries in ``folder`` whose process is gone: ``.NAME.tmp-PID`` files and
+    ``.embdist-staging-PID`` folders name their process; the library's nameless ``.tmpXXXX``
+    files are removed only when ``dead_pids`` says the folder's own run is dead."""
+    import shutil
+
     removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for e in entries:
-        m = _OWN_TMP.match(e.name)
-        dead = False
+        m = _OWN_TMP.match(e.name) or _STAGING.match(e.name)
         if m:
             pid = int(m.group(1))
             dead = pid != os.getpid() and not alive(pid)
-        elif _LIB_TMP.match(e.name):
-            dead = bool(dead_pids)
-        if dead and e.is_file(follow_symlinks=False):
-            try:
+        else:
+            dead = bool(dead_pids) and bool(_LIB_TMP.match(e.name))
+        if not dead:
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
                 os.unlink(e.path)
-                removed.append(Path(e.path))
-                log.warning("removed %s, left by a process that is gone", e.path)
-            except OSError:
-                pass
+        except OSError:
+            continue
+        removed.append(Path(e.path))
+        log.warning("removed %s, left by a process that is gone", e.path)
     return removed
 
 
