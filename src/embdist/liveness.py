@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Iterable
 
-from embdist.sources import InputError
+from embdist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,25 @@ def _holder(path: Path) -> str:
         return ""
 
 
-def refuse_finished(folder: Path, key: str, overwrite: bool) -> None:
-    """A folder holding a finished run's outputs is not written again unless task.overwrite=true."""
-    found = [name for name in FINAL_OUTPUTS if (Path(folder) / name).exists()]
-    if found and not overwrite:
-        raise InputError(f"the run folder {str(folder)!r} holds a finished run's {found[0]}; set {key} to a new "
-                         "folder, or task.overwrite=true to replace it")
+def refuse_finished(folder: Path, key: str, overwrite: bool, depth: int = 0) -> None:
+    """A folder holding a finished run's outputs is not written again unless task.overwrite=true
+    (``depth=1``: also its subfolders, the jobs of a sweep folder)."""
+    folder = Path(folder)
+    places = [folder] + (sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                         if depth and folder.is_dir() else [])
+    for place in places:
+        found = [name for name in FINAL_OUTPUTS if (place / name).exists()]
+        if found and not overwrite:
+            raise InputError(f"the run folder {str(folder)!r} holds a finished run's "
+                             f"{(place / found[0]).relative_to(folder)}; set {key} to a new folder, "
+                             "or task.overwrite=true to write into it again")
+
+
+def claim_folder(folder: Path, key: str, overwrite: bool, sweep: bool = False) -> None:
+    """Before anything is written into a run folder: lock it (a second run is refused), refuse
+    it when it holds a finished run (unless overwrite), remove what dead processes left there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    FolderLock.hold(folder, key)
+    refuse_finished(folder, key, overwrite, depth=1 if sweep else 0)
+    remove_dead_temporaries(folder)

@@ -53,7 +53,7 @@ class Staging:
 
     def commit(self) -> list[Path]:
         """Move every staged file to its final name (signals held back meanwhile)."""
-        moved: list[Path] = []
+        moved = self.committed = []
         with _signals_held():
             for src in self.files():
                 dst = self.final / src.relative_to(self.dir)
@@ -61,7 +61,6 @@ class Staging:
                 os.replace(src, dst)
                 moved.append(dst)
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.committed = moved
         if moved:
             log.info("Committed %d output file(s) to %s", len(moved), self.final)
         return moved

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from embdist.sources import InputError
+from embdist.errors import InputError
 
 PROBE_TIMEOUT_S = 5.0  # one connection attempt to a tracking server; refused connections fail at once
 # After the probe, MLflow's own calls retry a little, not for minutes (a user's setting wins).

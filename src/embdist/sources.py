@@ -277,7 +277,7 @@ def check_sky(dim: int, basis) -> None:
     """The PCA sky needs three distinct principal components, so at least 3 columns."""
     if dim < 3:
         raise InputError(f"the PCA sky needs 3 principal components but the matrix has {dim} column(s); "
-                         "use task=vocab (no sky) for a matrix this narrow")
+                         "for a matrix this narrow use task=vocab with vocab.use_bbox=false (no sky)")
     for key in ("north", "meridian", "equinox"):
         number = basis[key] if not hasattr(basis, key) else getattr(basis, key)
         if abs(number) > dim:

@@ -90,7 +90,8 @@ def tokenizer_for(configured: str | os.PathLike | None, tensor_file: str | os.Pa
     knows more ids than the matrix has rows is a warning."""
     import logging
 
-    from embdist.sources import InputError, regular_file
+    from embdist.errors import InputError
+    from embdist.sources import regular_file
 
     location = Path(configured) if configured else Path(tensor_file).parent
     fix = (f"fix or replace it, or set {what} to another tokenizer.json / vocab.txt"

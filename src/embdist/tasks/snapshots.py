@@ -5,6 +5,8 @@ import contextlib
 import logging
 from pathlib import Path
 
+import torch
+
 from embdist import pairwise as engine, paths, plots, rows, sources, store, tables
 from embdist.tracking import RunLog
 
@@ -47,7 +49,14 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     t, v, d = history.shape
     log.info("Loaded %s from %s: %s %s", cfg.history.tensor, path, tuple(history.shape), history.dtype)
     rl.tag("embdist.history_file", Path(path).resolve())
+    rl.input_file(Path(path))
     validate(history.shape, cfg.history)
+    # NaN/Inf: refused, or (model.drop_nonfinite=true) the tokens left out, as in every task
+    history, kept = sources.finite_rows(history, drop=cfg.model.drop_nonfinite,
+                                        what=f"{cfg.history.tensor} in {path}")
+    if kept is not None:
+        rl.metrics({"n_rows_nonfinite_dropped": v - len(kept)})
+        v = history.shape[1]
     n_pairs = v * (v - 1) // 2
     rl.metrics({"n_steps": t, "n_tokens": v, "n_pairs": n_pairs})
 
@@ -66,18 +75,27 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         if ooc:  # the file is allocated now and the engine fills it in place; deleted unless completed
             meta = {"history": str(path), "metrics": ",".join(metrics)}
             specs = {f"{metric}_distances": (dtype, (t, v, v)) for metric in metrics}
+            if kept is not None:
+                specs["token_ids"] = (torch.int64, (v,))
             mapped = stack.enter_context(store.MappedSafetensors(out_dir / OUTPUT, specs, meta))
+            if kept is not None:
+                mapped.tensors["token_ids"].copy_(kept)
             log.info("Writing the matrices in place into %s (task.out_of_core=true)", mapped.tmp)
-        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped)
+        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped, kept)
     return summary
 
 
-def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped) -> dict:
+def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped, kept=None) -> dict:
     """Distances for every snapshot (into the memory-mapped file when given), per-step
-    statistics, curves, pictures and tables."""
+    statistics, curves, pictures and tables.  ``kept``: the original token ids when tokens
+    holding NaN/Inf were left out (then also stored as ``token_ids``)."""
     t, v, _ = history.shape
     n_pairs = v * (v - 1) // 2
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
+    labels = byte_labels(v if kept is None else int(kept.max()) + 1)
+    if kept is not None:
+        tensors["token_ids"] = kept
+        labels = None if labels is None else [labels[i] for i in kept.tolist()]
     distinct = rows.distinct_per_step(history)
     rl.series("distinct_vectors", distinct.tolist())
     log.info("Computing %s distances for %s snapshots of %d tokens", " and ".join(metrics), f"{t:,}", v)
@@ -106,7 +124,7 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
                                              out_dir / f"{metric}_final_histogram.png", metric=metric,
                                              title=f"{metric} distances at the final step ({t - 1})"))
             rl.plot(plots.clustered_heatmap(dist[-1], out_dir / f"{metric}_final_heatmap.png", metric=metric,
-                                            labels=byte_labels(v), title=f"{metric} distances at step {t - 1}, clustered"))
+                                            labels=labels, title=f"{metric} distances at step {t - 1}, clustered"))
         tensors[f"{metric}_distances"] = dist
 
     with rl.stage("save"):
