@@ -110,6 +110,7 @@ def reap(client, experiment_ids: Iterable[str] | None = None) -> list[str]:
         folder = tags.get("embdist.run_dir")
         if folder:
             remove_dead_temporaries(Path(folder), dead_pids={pid})
+            _remove_free_lock(Path(folder))
     return marked
 
 
@@ -195,6 +196,21 @@ class FolderLock:
             except OSError:
                 pass
         cls._held.clear()
+
+
+def _remove_free_lock(folder: Path) -> None:
+    """The lock file a killed run left in its folder, unless another process holds it now."""
+    from filelock import FileLock, Timeout
+
+    path = folder / LOCK_NAME
+    if not path.exists() or str(folder.resolve()) in FolderLock._held:
+        return
+    lock = FileLock(str(path), timeout=0)
+    try:
+        with lock:
+            path.unlink(missing_ok=True)
+    except (Timeout, OSError):
+        pass
 
 
 def _holder(path: Path) -> str:
