@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,9 +121,99 @@ def data(tmp_path_factory):
     return f
 
 
+class Launched:
+    """A ``python -m embdist`` (or ``python -c``) process started with the module, in its own
+    embdist home, so the slow starts overlap; a test collects it with :meth:`result`."""
+
+    def __init__(self, root: Path, name: str, args=(), code: str | None = None, module: str = "embdist"):
+        self.home = root / name
+        self.home.mkdir()
+        argv = [sys.executable, "-c", code] if code else [sys.executable, "-m", module, *args]
+        self.t0 = self.t1 = time.time()
+        self.out, self.err = root / f"{name}.stdout", root / f"{name}.stderr"
+        with open(self.out, "w") as o, open(self.err, "w") as e:  # files, not pipes: nothing blocks on a full pipe
+            self.proc = subprocess.Popen(argv, cwd=self.home, env=_env(self.home), stdout=o, stderr=e, text=True)
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self):
+        self.proc.wait()
+        self.t1 = time.time()
+
+    def result(self, timeout: float = 900):
+        """(exit status, stdout, stderr, seconds the process ran)."""
+        self.proc.wait(timeout=timeout)
+        while self.t1 == self.t0:  # the waiter thread records the end
+            time.sleep(0.01)
+        return self.proc.returncode, self.out.read_text(), self.err.read_text(), self.t1 - self.t0
+
+
+SINGLE = [  # (args, the line's start, MLflow status: None = refused before any run)
+    (("bbox.r_max=nan",), "embdist: error: bbox.r_max=nan is not a number", None),
+    (("task.memory_limit_gb=-1",), "embdist: error: task.memory_limit_gb=-1.0 is not a memory size in GiB > 0", None),
+    (("model.tokenizer=/nowhere/tokenizer.json",), "embdist: error: model.tokenizer='/nowhere/tokenizer.json' does not exist", None),
+    (("task=vocab", "model.path={row1}"), "embdist: error: tensor 'model.embed_tokens.weight' has shape (1, 8): 1 row(s)", "FAILED"),
+    (("model.path={f64}", "task.device=cuda"), "embdist: error: task.device=cuda but this machine has no usable CUDA device", "FAILED"),
+]
+TRACKING = [
+    ("file://{tmp}/mlruns", "is a file store, which MLflow 3 no longer writes"),
+    ("sqlite:///{tmp}/afile/mlflow.db", "is a file, so no database can be created below it"),
+    ("http://127.0.0.1:9", "the tracking server http://127.0.0.1:9 cannot be reached"),
+]
+HIST = ("task=snapshots", "task.progress=false", "history.vocab_size=null", "history.hidden_dim=null",
+        "history.expected_steps=null")
+SNAPSHOT_CASES = [("h_steps0", "0 step(s); embdist needs at least 1 step(s)"),
+                  ("h_tok1", "1 token(s); embdist needs at least 2 token(s)"),
+                  ("h_dim0", "0 dimension(s); embdist needs at least 1 dimension(s)"),
+                  ("h_inf", "1 rows of embedding_history in")]
+
+
+def _sweep_args(data, task_args, key, cases, sweep_dir, extra=()):
+    paths = ",".join(str(data.get(k, k)) for k, _ in cases)
+    return ("-m", *task_args, f"{key}={paths}", f"hydra.sweep.dir={sweep_dir}", *extra)
+
+
+@pytest.fixture(scope="module")
+def launched(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "afile").write_text("")
+    L = {}
+    L["sweep_overdensity"] = Launched(root, "sweep_overdensity", _sweep_args(
+        data, ("task=overdensity", *CUSTOM, "bbox=all"), "model.path", OVERDENSITY_CASES,
+        root / "sweep_overdensity" / "sweep", ("model.drop_nonfinite=true",)))
+    L["sweep_snapshots"] = Launched(root, "sweep_snapshots", _sweep_args(
+        data, HIST, "history.path", SNAPSHOT_CASES, root / "sweep_snapshots" / "sweep"))
+    L["snap_drop"] = Launched(root, "snap_drop", (*HIST, f"history.path={data['h_inf']}", "model.drop_nonfinite=true",
+                                                  "metric=euclidean", f"hydra.run.dir={root / 'snap_drop' / 'run'}"))
+    for i, (args, _, _) in enumerate(SINGLE):
+        args = [a.format(**data) for a in args]
+        path = [] if any(a.startswith("model.path=") for a in args) else [f"model.path={data['good']}"]
+        L[f"single{i}"] = Launched(root, f"single{i}", (*CUSTOM, *path, *args, f"hydra.run.dir={root / f'single{i}' / 'one'}"))
+    for i, (uri, _) in enumerate(TRACKING):
+        L[f"tracking{i}"] = Launched(root, f"tracking{i}", (*CUSTOM, f"model.path={data['good']}",
+                                                            f"tracking.uri={uri.format(tmp=root)}",
+                                                            f"hydra.run.dir={root / f'tracking{i}' / 'one'}"))
+    L["boom"] = Launched(root, "boom", code=(
+        "import sys, embdist.geometry as g\n"
+        "def pca(*a, **k):\n    raise ZeroDivisionError('division by zero')\n"
+        "g.pca = pca\nfrom embdist.__main__ import main\n"
+        f"sys.argv = ['embdist', 'model=custom', 'task.progress=false', 'model.path={data['good']}', "
+        f"'hydra.run.dir={root / 'boom' / 'run'}']\nmain()\n"))
+    L["merge"] = Launched(root, "merge", (str(data["good"]), "--no-mlflow"), module="embdist.merge")
+    L["label"] = Launched(root, "label", (*CUSTOM, f"model.path={data['good']}", "bbox=all",
+                                          f"hydra.run.dir={root / 'label' / 'fixed'}"))
+    killers = root / "killers"
+    killers.mkdir()
+    L["killers"] = [_start_paused(killers, w, killers / f"killed-{i}-{w}", data) for i, w in enumerate(KILLED_AT)]
+    yield L
+    for x in L.values():
+        for proc in (x if isinstance(x, list) else [x.proc]):
+            if proc.poll() is None:
+                proc.kill()
+
+
 # --- the loaders: one sweep per task, one job per broken input ------------------------------------
 
-OVERDENSITY_CASES = [  # (key, message, single=True: also run as a single run for the exact format)
+OVERDENSITY_CASES = [  # (key, message)
     ("f64", "is stored as F64; embdist reads BF16, F16 and F32 tensors only"),
     ("i8", "is stored as I8"),
     ("bool", "is stored as BOOL"),
@@ -141,44 +232,36 @@ OVERDENSITY_CASES = [  # (key, message, single=True: also run as a single run fo
 ]
 
 
-def _sweep(home, data, task_args, key, cases, extra=()):
-    sweep_dir = home / f"sweep-{key}"
-    paths = ",".join(str(data.get(k, k)) for k, _ in cases)
-    cmd = ("-m", *task_args, f"{key}={paths}", f"hydra.sweep.dir={sweep_dir}", *extra)
-    p = run_embdist(*cmd, home=home, check=False, timeout=900)
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr + p.stdout
-    children = {int(r.data.tags["embdist.run_dir"].rsplit("/", 1)[1]): r for r in runs_of(home)
-                if r.data.tags.get("mlflow.parentRunId") and r.data.tags["embdist.run_dir"].startswith(str(sweep_dir))}
+def _check_sweep(run, task, key, cases):
+    rc, out, err, _ = run.result()
+    assert rc == 2, err
+    assert "Traceback" not in err + out
+    sweep_dir = run.home / "sweep"
+    children = {int(r.data.tags["embdist.run_dir"].rsplit("/", 1)[1]): r for r in runs_of(run.home)
+                if r.data.tags.get("mlflow.parentRunId")}
     for i, (k, message) in enumerate(cases):
-        lines = [ln for ln in p.stderr.splitlines() if ln.startswith(f"embdist: error: job {i} (")]
-        assert len(lines) == 1 and message in lines[0], (k, message, p.stderr)
-        run = children[i]
-        assert run.info.status == "FAILED" and message in run.data.tags["error"], (k, run.data.tags.get("error"))
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"embdist: error: job {i} (")]
+        assert len(lines) == 1 and message in lines[0], (k, message, err)
+        r = children[i]
+        assert r.info.status == "FAILED" and message in r.data.tags["error"], (k, r.data.tags.get("error"))
         left = leftovers(sweep_dir / str(i))
         assert left == [], (k, left)
-        record(f"{task_args[0]}: {k}", f"`{key}=<{k}>`", lines[0].split("): ", 1)[1], "2 (sweep)", run.info.status, left)
-    return p
+        record(f"{task}: {k}", f"`{key}=<{k}>`", lines[0].split("): ", 1)[1], "2 (sweep)", r.info.status, left)
+    return err
 
 
-def test_overdensity_inputs(home, data):
-    extra = ("model.drop_nonfinite=true",)
-    _sweep(home, data, ("task=overdensity", *CUSTOM, "bbox=all"), "model.path", OVERDENSITY_CASES, extra)
+def test_overdensity_inputs(launched):
+    _check_sweep(launched["sweep_overdensity"], "overdensity", "model.path", OVERDENSITY_CASES)
 
 
-def test_snapshots_inputs(home, data):
-    cases = [("h_steps0", "0 step(s); embdist needs at least 1 step(s)"),
-             ("h_tok1", "1 token(s); embdist needs at least 2 token(s)"),
-             ("h_dim0", "0 dimension(s); embdist needs at least 1 dimension(s)"),
-             ("h_inf", "1 rows of embedding_history in")]
-    p = _sweep(home, data, ("task=snapshots", "task.progress=false", "history.vocab_size=null",
-                            "history.hidden_dim=null", "history.expected_steps=null"), "history.path", cases)
-    assert "hold NaN or Inf (in some step) (token ids 3); set model.drop_nonfinite=true" in p.stderr
-    # the same option as every task: left out, recorded, and named after the file read
-    run_embdist("task=snapshots", "task.progress=false", "history.vocab_size=null", "history.hidden_dim=null",
-                f"history.path={data['h_inf']}", "model.drop_nonfinite=true", f"hydra.run.dir={home / 'drop'}",
-                "metric=euclidean", home=home)
-    run = runs_of(home)[-1]
+def test_snapshots_inputs(launched, data):
+    err = _check_sweep(launched["sweep_snapshots"], "snapshots", "history.path", SNAPSHOT_CASES)
+    assert "hold NaN or Inf (in some step) (token ids 3); set model.drop_nonfinite=true" in err
+    # the same option as every task: left out, recorded, and the run named after the file read
+    drop = launched["snap_drop"]
+    rc, _, err, _ = drop.result()
+    assert rc == 0, err
+    (run,) = runs_of(drop.home)
     assert run.info.status == "FINISHED" and run.data.metrics["n_rows_nonfinite_dropped"] == 1
     assert run.info.run_name == "snapshots:inf"
     out = load_file(run.data.tags["output.pairwise_distances"])
@@ -189,92 +272,80 @@ def test_snapshots_inputs(home, data):
 
 # --- single runs: the exact line, the exit status ----------------------------------------------
 
-@pytest.mark.parametrize("args, message, status", [
-    (("bbox.r_max=nan",), "embdist: error: bbox.r_max=nan is not a number", None),
-    (("task.memory_limit_gb=-1",), "embdist: error: task.memory_limit_gb=-1.0 is not a memory size in GiB > 0", None),
-    (("model.tokenizer=/nowhere/tokenizer.json",), "embdist: error: model.tokenizer='/nowhere/tokenizer.json' does not exist", None),
-    (("task=vocab", "model.path={row1}"), "embdist: error: tensor 'model.embed_tokens.weight' has shape (1, 8): 1 row(s)", "FAILED"),
-    (("model.path={f64}", "task.device=cuda"), "embdist: error: task.device=cuda but this machine has no usable CUDA device", "FAILED"),
-])
-def test_single_runs(home, data, args, message, status):
+@pytest.mark.parametrize("i", range(len(SINGLE)))
+def test_single_runs(launched, i):
+    args, message, status = SINGLE[i]
     if "task.device=cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    args = [a.format(**data) for a in args]
-    path = [] if any(a.startswith("model.path=") for a in args) else [f"model.path={data['good']}"]
-    p = run_embdist(*CUSTOM, *path, *args, f"hydra.run.dir={home / 'one'}", home=home, check=False)
-    line = one_line(p.stderr)
-    assert p.returncode == 2 and line.startswith(message), p.stderr
-    runs = runs_of(home) if (home / "mlflow.db").exists() else []
+    run = launched[f"single{i}"]
+    rc, _, err, _ = run.result()
+    line = one_line(err)
+    assert rc == 2 and line.startswith(message), err
+    runs = runs_of(run.home) if (run.home / "mlflow.db").exists() else []
     assert [r.info.status for r in runs] == ([] if status is None else [status])
-    assert leftovers(home / "one") == []
-    record(args[-1], "`" + " ".join(args) + "`", line, p.returncode, status or "no run", leftovers(home / "one"))
+    if status:
+        assert message.split("error: ", 1)[1] in runs[0].data.tags["error"]
+    assert leftovers(run.home / "one") == []
+    record(args[-1].split("=")[0] + "=…" if "{" in args[-1] else args[-1], "`" + " ".join(args) + "`", line, rc,
+           status or "no run", leftovers(run.home / "one"))
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("file://{tmp}/mlruns", "is a file store, which MLflow 3 no longer writes"),
-    ("sqlite:///{tmp}/afile/mlflow.db", "is a file, so no database can be created below it"),
-    ("http://127.0.0.1:9", "the tracking server http://127.0.0.1:9 cannot be reached"),
-])
-def test_tracking_store_refused_at_once(home, data, tmp_path, uri, message):
-    (tmp_path / "afile").write_text("")
-    uri = uri.format(tmp=tmp_path)
-    t0 = time.time()
-    p = run_embdist(*CUSTOM, f"model.path={data['good']}", f"tracking.uri={uri}", f"hydra.run.dir={home / 'one'}",
-                    home=home, check=False, timeout=120)
-    took = time.time() - t0
-    line = one_line(p.stderr)
-    assert p.returncode == 2 and message in line and took < 60, (took, p.stderr)
-    assert leftovers(home / "one") == []
+@pytest.mark.parametrize("i", range(len(TRACKING)))
+def test_tracking_store_refused_at_once(launched, i):
+    uri, message = TRACKING[i]
+    run = launched[f"tracking{i}"]
+    rc, _, err, took = run.result()
+    line = one_line(err)
+    assert rc == 2 and message in line, err
+    assert took < 90  # the unreachable server: one probe of at most 5 s (plus the start, here on a loaded machine)
+    assert not (run.home / "mlflow.db").exists() and leftovers(run.home / "one") == []
     record(f"tracking.uri={uri.split(':')[0]}", f"`tracking.uri={uri}`", line, 2, "no run (no store)", [])
 
 
-def test_internal_error_is_one_line_and_a_failed_run(home, data):
-    code = ("import sys, embdist.geometry as g\n"
-            "def pca(*a, **k):\n    raise ZeroDivisionError('division by zero')\n"
-            "g.pca = pca\nfrom embdist.__main__ import main\n"
-            f"sys.argv = ['embdist', 'model=custom', 'task.progress=false', 'model.path={data['good']}', "
-            f"'hydra.run.dir={home / 'boom'}']\nmain()\n")
-    p = subprocess.run([sys.executable, "-c", code], cwd=home, env=_env(home), capture_output=True, text=True, timeout=300)
-    line = one_line(p.stderr)
-    assert p.returncode == 1, p.stderr
+def test_internal_error_is_one_line_and_a_failed_run(launched):
+    run = launched["boom"]
+    rc, _, err, _ = run.result()
+    line = one_line(err)
+    assert rc == 1, err
     assert line == ("embdist: internal error: ZeroDivisionError: division by zero "
-                    "(HYDRA_FULL_ERROR=1 shows the traceback)"), p.stderr
-    (run,) = runs_of(home)
-    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("internal error: ZeroDivisionError")
-    assert "Traceback" in (home / "boom" / "embdist.log").read_text()  # for the record, not the screen
-    assert leftovers(home / "boom") == []
+                    "(HYDRA_FULL_ERROR=1 shows the traceback)"), err
+    (r,) = runs_of(run.home)
+    assert r.info.status == "FAILED" and r.data.tags["error"].startswith("internal error: ZeroDivisionError")
+    assert "Traceback" in (run.home / "run" / "embdist.log").read_text()  # for the record, not the screen
+    assert leftovers(run.home / "run") == []
     record("unexpected exception (geometry.pca raises)", "(patched)", line, 1, "FAILED", [])
 
 
-def test_merge_on_a_file_that_is_not_a_shard(home, data):
-    p = subprocess.run([sys.executable, "-m", "embdist.merge", str(data["good"]), "--no-mlflow"], cwd=home,
-                       env=_env(home), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "is not a vocab_shard.npz shard of a task=vocab run" in p.stderr.strip().splitlines()[-1]
-    record("merge of a non-shard", "`python -m embdist.merge other-model.safetensors`",
-           p.stderr.strip().splitlines()[-1], 2, "-", [])
+def test_merge_on_a_file_that_is_not_a_shard(launched):
+    rc, _, err, _ = launched["merge"].result()
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in err
+    assert "is not a vocab_shard.npz shard of a task=vocab run" in last
+    record("merge of a non-shard", "`python -m embdist.merge other-model.safetensors`", last, 2, "-", [])
 
 
 # --- labels, a finished folder, overwrite ------------------------------------------------------
 
-def test_labels_from_the_input_and_finished_folder(home, data):
-    folder = home / "fixed"
-    run_embdist(*CUSTOM, f"model.path={data['good']}", "bbox=all", f"hydra.run.dir={folder}", home=home)
-    (run,) = runs_of(home)
-    assert run.info.run_name == "overdensity:other-model" and run.data.params["model.name"] == "other-model"
-    assert run.data.tags["embdist.input.path"] == str(data["good"].resolve())
-    assert int(run.data.tags["embdist.input.bytes"]) == data["good"].stat().st_size
-    assert len(run.data.tags["embdist.input.sha256"]) == 64
+def test_labels_from_the_input_and_finished_folder(launched, data):
+    run = launched["label"]
+    rc, _, err, _ = run.result()
+    assert rc == 0, err
+    folder = run.home / "fixed"
+    (r,) = runs_of(run.home)
+    assert r.info.run_name == "overdensity:other-model" and r.data.params["model.name"] == "other-model"
+    assert r.data.tags["embdist.input.path"] == str(data["good"].resolve())
+    assert int(r.data.tags["embdist.input.bytes"]) == data["good"].stat().st_size
+    assert len(r.data.tags["embdist.input.sha256"]) == 64
     assert json.loads(load_file_meta(folder / "distances.safetensors"))["model"] == "other-model"
-    assert run.data.tags["embdist.pid"].isdigit() and run.data.tags["embdist.host"]
-    p = run_embdist(*CUSTOM, f"model.path={data['good']}", "bbox=all", f"hydra.run.dir={folder}", home=home, check=False)
+    assert r.data.tags["embdist.pid"].isdigit() and r.data.tags["embdist.host"]
+    assert not list(folder.glob(".embdist*"))  # no staging folder, no lock file after a clean exit
+    p = run_embdist(*CUSTOM, f"model.path={data['good']}", "bbox=all", f"hydra.run.dir={folder}", home=run.home,
+                    check=False)
     line = one_line(p.stderr)
     assert p.returncode == 2 and "holds a finished run's distances.safetensors" in line and "task.overwrite=true" in line
-    assert len(runs_of(home)) == 1  # refused before any run
-    record("folder holds a finished run", "`hydra.run.dir=<finished run>`", line, 2, "no run", ["(the finished run's own files)"])
-    run_embdist(*CUSTOM, f"model.path={data['good']}", "bbox=all", f"hydra.run.dir={folder}", "task.overwrite=true",
-                home=home)
-    assert [r.info.status for r in runs_of(home)] == ["FINISHED", "FINISHED"]
+    assert len(runs_of(run.home)) == 1  # refused before any run
+    record("folder holds a finished run", "`hydra.run.dir=<finished run>`", line, 2, "no run",
+           ["(the finished run's own files, untouched)"])
 
 
 def load_file_meta(path: Path) -> str:
@@ -301,8 +372,10 @@ def _start_paused(home: Path, where: str, folder: Path, data) -> subprocess.Pope
             "from embdist.__main__ import main\n"
             f"sys.argv = ['embdist', 'model=custom', 'task.progress=false', 'bbox=all', "
             f"'model.path={data['good']}', 'hydra.run.dir={folder}']\nmain()\n")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=home, env=_env(home), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=home, env=_env(home), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    proc.embdist_home = home
+    return proc
 
 
 def _wait_paused(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -318,10 +391,14 @@ def _wait_paused(proc: subprocess.Popen, timeout: float = 600) -> str:
     raise AssertionError(f"never paused:\n{seen}")
 
 
-def test_killed_runs_leave_nothing_and_are_marked_killed(home, data):
-    where = ["compute", "save", "report", "report"]
+KILLED_AT = ["compute", "save", "report", "report"]  # the last one gets Ctrl-C, the others kill -9
+
+
+def test_killed_runs_leave_nothing_and_are_marked_killed(launched, data):
+    where = KILLED_AT
+    procs = launched["killers"]
+    home = procs[0].embdist_home
     folders = [home / f"killed-{i}-{w}" for i, w in enumerate(where)]
-    procs = [_start_paused(home, w, f, data) for w, f in zip(where, folders)]
     for p in procs:
         _wait_paused(p)
     # a second run into a busy folder: refused in one line, before it writes anything there

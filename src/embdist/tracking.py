@@ -175,13 +175,21 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     from embdist import liveness, preflight
 
     preflight.check_tracking_uri(uri)
-    try:
-        client = MlflowClient(tracking_uri=uri)
-        exp_id = ensure_experiment(client, experiment, uri)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:
-        raise preflight.contact_error(uri, e) from None
+    for attempt in range(6):
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            exp_id = ensure_experiment(client, experiment, uri)
+            break
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            # Processes that open a new SQLite store at the same moment race on its schema
+            # ("duplicate column", "already exists"): the loser waits and reads it again.
+            text = str(e).lower()
+            if attempt < 5 and any(m in text for m in ("duplicate column", "already exists", "locked", "busy")):
+                time.sleep(0.5 * (attempt + 1) * (1 + random.random()))
+                continue
+            raise preflight.contact_error(uri, e) from None
     try:
         liveness.reap(client)
     except Exception as e:  # reaping is housekeeping: never the reason a run fails

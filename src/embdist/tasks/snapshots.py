@@ -54,6 +54,7 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
     # NaN/Inf: refused, or (model.drop_nonfinite=true) the tokens left out, as in every task
     history, kept = sources.finite_rows(history, drop=cfg.model.drop_nonfinite,
                                         what=f"{cfg.history.tensor} in {path}")
+    v_all = v
     if kept is not None:
         rl.metrics({"n_rows_nonfinite_dropped": v - len(kept)})
         v = history.shape[1]
@@ -81,18 +82,19 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
             if kept is not None:
                 mapped.tensors["token_ids"].copy_(kept)
             log.info("Writing the matrices in place into %s (task.out_of_core=true)", mapped.tmp)
-        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped, kept)
+        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped, kept, v_all)
     return summary
 
 
-def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped, kept=None) -> dict:
+def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped, kept=None,
+            v_all=None) -> dict:
     """Distances for every snapshot (into the memory-mapped file when given), per-step
     statistics, curves, pictures and tables.  ``kept``: the original token ids when tokens
     holding NaN/Inf were left out (then also stored as ``token_ids``)."""
     t, v, _ = history.shape
     n_pairs = v * (v - 1) // 2
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
-    labels = byte_labels(v if kept is None else int(kept.max()) + 1)
+    labels = byte_labels(v if v_all is None else v_all)
     if kept is not None:
         tensors["token_ids"] = kept
         labels = None if labels is None else [labels[i] for i in kept.tolist()]
