@@ -297,7 +297,9 @@ def test_tracking_store_refused_at_once(launched, i):
     rc, _, err, took = run.result()
     line = one_line(err)
     assert rc == 2 and message in line, err
-    assert took < 90  # the unreachable server: one probe of at most 5 s (plus the start, here on a loaded machine)
+    # the unreachable server: one probe of at most 5 s, so it ends about when the file:// case
+    # (refused without any contact) does, started at the same moment
+    assert took - launched["tracking0"].result()[3] < 15, took
     assert not (run.home / "mlflow.db").exists() and leftovers(run.home / "one") == []
     record(f"tracking.uri={uri.split(':')[0]}", f"`tracking.uri={uri}`", line, 2, "no run (no store)", [])
 

@@ -177,8 +177,9 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     preflight.check_tracking_uri(uri)
     for attempt in range(6):
         try:
-            client = MlflowClient(tracking_uri=uri)
-            exp_id = ensure_experiment(client, experiment, uri)
+            with _schema_lock(uri):
+                client = MlflowClient(tracking_uri=uri)
+                exp_id = ensure_experiment(client, experiment, uri)
             break
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -195,6 +196,22 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     except Exception as e:  # reaping is housekeeping: never the reason a run fails
         log.warning("could not check for runs left RUNNING by killed processes: %s", e)
     return client, exp_id
+
+
+@contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Processes opening one new SQLite store at once would race on creating its tables (MLflow's
+    migrations are not safe against that): the first contact is serialised by a lock file beside
+    the database (``.NAME.embdist-lock``).  Other stores: nothing to do."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db.parent / f".{db.name}.embdist-lock"), timeout=300):
+        yield
 
 
 @contextmanager
