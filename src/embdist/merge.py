@@ -50,6 +50,11 @@ def _head(path: Path) -> dict:
     from embdist.sources import regular_file
 
     regular_file(Path(path), "shard file", f"give the {vocab.SHARD_FILE} files of a sharded task=vocab run")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive
+        raise InputError(f"{str(path)!r} is not a {vocab.SHARD_FILE} shard of a task=vocab run (not an .npz "
+                         "archive); give shard files or the sweep folders holding them")
     try:
         with np.load(path, allow_pickle=False) as z:
             return json.loads(bytes(z["head"]).decode())["info"]
