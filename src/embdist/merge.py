@@ -174,6 +174,7 @@ def _main(argv=None) -> int:
     from mlflow.entities import RunStatus
     from mlflow.tracking import MlflowClient
 
+    from embdist import liveness
     from embdist.tracking import RunLog, ensure_experiment, retry, tracking_uri
     shards = find_shards(a.paths)
     info = _head(shards[0]) if shards else {}
@@ -185,7 +186,7 @@ def _main(argv=None) -> int:
         return 0
     exp = ensure_experiment(client, cfg.get("tracking", {}).get("experiment", "embdist"), uri)
     run = retry(lambda: client.create_run(exp, run_name=f"merge:{cfg.get('model', {}).get('name', 'vocab')}",
-                                          tags={"embdist.task": "vocab-merge"}))
+                                          tags={"embdist.task": "vocab-merge", **liveness.run_tags()}))
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
         merge_paths(a.paths, a.out, RunLog(client, run.info.run_id))
