@@ -17,7 +17,9 @@ def compose_cfg(*overrides: str):
 
 def test_defaults_are_the_minilm_overdensity():
     cfg = compose_cfg()
-    assert cfg.task.name == "overdensity" and cfg.model.name == "all-MiniLM-L6-v2"
+    assert cfg.task.name == "overdensity" and cfg.model.name is None  # named after the input read
+    paths.fill_names(cfg)
+    assert cfg.model.name == "all-MiniLM-L6-v2" and cfg.history.name == "toy-qweninit"
     assert list(cfg.metric.names) == ["euclidean"]
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, config.Config) and isinstance(obj.bbox, config.BBoxConfig)

@@ -23,13 +23,16 @@ class RunFolderCheck(Callback):
     """Fail in one line, before Hydra creates it, when the run folder cannot be written."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(Path(config.hydra.run.dir), "hydra.run.dir")
+        self._check(Path(config.hydra.run.dir), "hydra.run.dir", config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        self._check(Path(config.hydra.sweep.dir), "hydra.sweep.dir", config, sweep=True)
 
     @staticmethod
-    def _check(folder: Path, key: str) -> None:
+    def _check(folder: Path, key: str, config: DictConfig, sweep: bool = False) -> None:
+        from embdist import liveness
+        from embdist.errors import InputError
+
         probe = folder / f".embdist-write-test-{os.getpid()}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -38,6 +41,12 @@ class RunFolderCheck(Callback):
         except OSError as e:
             print(f"embdist: error: cannot write the run folder {str(folder)!r} ({e.strerror}); "
                   f"set {key} to a writable folder", file=sys.stderr)
+            sys.exit(2)
+        # Before Hydra writes .hydra/ and the log there: one run per folder, finished runs kept.
+        try:
+            liveness.claim_folder(folder, key, overwrite=bool(config.task.get("overwrite", False)), sweep=sweep)
+        except InputError as e:
+            print(f"embdist: error: {e}", file=sys.stderr)
             sys.exit(2)
 
 
@@ -54,18 +63,21 @@ class SweepParentRun(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from embdist.tracking import PARENT_ENV, ensure_experiment, retry, tracking_uri
+        from embdist import liveness
+        from embdist.errors import InputError
+        from embdist.tracking import PARENT_ENV, open_store, retry, tracking_uri
         uri = tracking_uri(config.tracking.uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)
+        try:
+            self.client, exp_id = open_store(uri, config.tracking.experiment)
+        except InputError as e:
+            print(f"embdist: error: {e}", file=sys.stderr)
+            sys.exit(2)
         overrides = list(config.hydra.overrides.task)
         run = retry(lambda: self.client.create_run(
             exp_id,
             run_name=f"sweep:{config.task.name}",
             tags={"embdist.sweep": "parent", "embdist.sweep_dir": str(config.hydra.sweep.dir),
-                  "embdist.overrides": " ".join(overrides)},
+                  "embdist.overrides": " ".join(overrides), **liveness.run_tags()},
         ))
         self.run_id = run.info.run_id
         os.environ[PARENT_ENV] = self.run_id

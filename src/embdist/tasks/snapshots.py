@@ -60,7 +60,7 @@ def want_matrices(cfg, shape, n_metrics: int, out_dir: Path) -> bool:
 
 
 def run(cfg, rl: RunLog, out_dir: Path) -> dict:
-    entries = steps = history = None
+    entries = steps = history = kept = v_all = None
     if not cfg.history.checkpoints and cfg.history.name == "checkpoints":
         raise sources.InputError("history=checkpoints (experiment=checkpoints) needs the series: set "
                                  "history.checkpoints='/runs/NAME/step*' or a list of [step, path] pairs")
@@ -80,6 +80,13 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         shape = tuple(history.shape)
         log.info("Loaded %s from %s: %s %s", cfg.history.tensor, path, shape, history.dtype)
         rl.tag("embdist.history_file", Path(path).resolve())
+        rl.input_file(Path(path))
+        # NaN/Inf: refused, or (model.drop_nonfinite=true) the tokens left out, as in every task
+        history, kept = sources.finite_rows(history, drop=cfg.model.drop_nonfinite,
+                                            what=f"{cfg.history.tensor} in {path}")
+        if kept is not None:
+            rl.metrics({"n_rows_nonfinite_dropped": shape[1] - len(kept)})
+            v_all, shape = shape[1], tuple(history.shape)
     t, v, d = shape
     validate(shape, cfg.history)
     n_pairs = v * (v - 1) // 2
@@ -93,15 +100,19 @@ def run(cfg, rl: RunLog, out_dir: Path) -> dict:
         if history is None:
             with rl.stage("load"):
                 history = torch.stack([m.tensor for _, m in checkpoints.read_series(entries, cfg.model.tensor)])
-        summary = matrices_run(cfg, rl, out_dir, path, history, metrics, steps, reuse)
+        summary = matrices_run(cfg, rl, out_dir, path, history, metrics, steps, reuse, kept, v_all)
     with rl.stage("dynamics"):
         dy = snapshots_dynamics.compute(cfg, history, entries, steps, reuse.get(cfg.dynamics.metric))
-    strings = snapshots_dynamics.token_strings(cfg, v, entries, byte_labels(v))
-    summary["dynamics"] = snapshots_dynamics.report(cfg, rl, out_dir, dy, strings, cfg.history.name)
+    n_all = v if v_all is None else v_all
+    strings = snapshots_dynamics.token_strings(cfg, n_all, entries, byte_labels(n_all))
+    if kept is not None and strings is not None:
+        strings = [strings[i] for i in kept.tolist()]
+    summary["dynamics"] = snapshots_dynamics.report(cfg, rl, out_dir, dy, strings, cfg.history.name,
+                                                    token_ids=None if kept is None else kept.numpy())
     return summary
 
 
-def matrices_run(cfg, rl: RunLog, out_dir: Path, path, history, metrics, steps, reuse) -> dict:
+def matrices_run(cfg, rl: RunLog, out_dir: Path, path, history, metrics, steps, reuse, kept=None, v_all=None) -> dict:
     """The seed's outputs: the (T, V, V) matrices, curves and summaries."""
     t, v, _ = history.shape
     dtype = store.DTYPES[cfg.task.dtype]
@@ -118,20 +129,30 @@ def matrices_run(cfg, rl: RunLog, out_dir: Path, path, history, metrics, steps, 
         if ooc:  # the file is allocated now and the engine fills it in place; deleted unless completed
             meta = {"history": str(path), "metrics": ",".join(metrics)}
             specs = {f"{metric}_distances": (dtype, (t, v, v)) for metric in metrics}
+            if kept is not None:
+                specs["token_ids"] = (torch.int64, (v,))
             mapped = stack.enter_context(store.MappedSafetensors(out_dir / OUTPUT, specs, meta))
+            if kept is not None:
+                mapped.tensors["token_ids"].copy_(kept)
             log.info("Writing the matrices in place into %s (task.out_of_core=true)", mapped.tmp)
-        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped, steps, reuse)
+        summary = compute(cfg, rl, out_dir, path, history, metrics, dtype, mapped, steps, reuse, kept, v_all)
     return summary
 
 
 def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype, mapped, steps=None,
-            reuse: dict | None = None) -> dict:
+            reuse: dict | None = None, kept=None, v_all=None) -> dict:
     """Distances for every snapshot (into the memory-mapped file when given), per-step
-    statistics, curves, pictures and tables. ``reuse`` receives the float32 matrices in memory."""
+    statistics, curves, pictures and tables. ``reuse`` receives the float32 matrices in memory;
+    ``kept``: the original token ids when tokens holding NaN/Inf were left out (then also
+    stored as ``token_ids``)."""
     t, v, _ = history.shape
     steps = list(range(t)) if steps is None else list(steps)
     n_pairs = v * (v - 1) // 2
     tensors, summary, curves = {}, {"n_steps": t, "n_tokens": v, "n_pairs": n_pairs}, {}
+    labels = byte_labels(v if v_all is None else v_all)
+    if kept is not None:
+        tensors["token_ids"] = kept
+        labels = None if labels is None else [labels[i] for i in kept.tolist()]
     distinct = rows.distinct_per_step(history)  # its series is logged with the dynamics
     log.info("Computing %s distances for %s snapshots of %d tokens", " and ".join(metrics), f"{t:,}", v)
     with rl.stage("pairwise"):  # one fused pass over every snapshot for all metrics
@@ -159,7 +180,7 @@ def compute(cfg, rl: RunLog, out_dir: Path, path: Path, history, metrics, dtype,
                                              out_dir / f"{metric}_final_histogram.png", metric=metric,
                                              title=f"{metric} distances at the final step ({t - 1})"))
             rl.plot(plots.clustered_heatmap(dist[-1], out_dir / f"{metric}_final_heatmap.png", metric=metric,
-                                            labels=byte_labels(v), title=f"{metric} distances at step {t - 1}, clustered"))
+                                            labels=labels, title=f"{metric} distances at step {t - 1}, clustered"))
         tensors[f"{metric}_distances"] = dist
         if reuse is not None and mapped is None and dist.dtype == torch.float32:
             reuse[metric] = dist

@@ -47,8 +47,8 @@ def token_strings(cfg, v: int, entries, fallback) -> list[str] | None:
     return [t.string for t in tokens.describe_tokens(tok, range(v))]
 
 
-def _ids(members) -> str:
-    return "|".join(" ".join(str(int(i)) for i in m) for m in members)
+def _ids(members, ids) -> str:
+    return "|".join(" ".join(str(int(ids[i])) for i in m) for m in members)
 
 
 def _sizes(members) -> str:
@@ -63,10 +63,14 @@ def thr_key(metric: str, thr: float) -> str:
     return f"{metric}_{thr:g}"
 
 
-def report(cfg, rl: RunLog, out_dir: Path, dy: dynamics.Dynamics, strings=None, title: str = "") -> dict:
+def report(cfg, rl: RunLog, out_dir: Path, dy: dynamics.Dynamics, strings=None, title: str = "",
+           token_ids=None) -> dict:
+    """Tables, plots, series and totals. ``token_ids``: the original id of each analysed row (when
+    tokens holding NaN/Inf were left out); tables and the saved groups then speak in those ids."""
     t, v = dy.groups.shape
+    ids = np.arange(v) if token_ids is None else np.asarray(token_ids, dtype=np.int64)
     steps = dy.steps
-    strings = strings or [str(i) for i in range(v)]
+    strings = strings or [str(i) for i in ids]
     first_leave, freeze = dy.step_of(dy.first_leave), dy.step_of(dy.freeze)
     final = dy.groups[-1]
     final_sizes = np.bincount(final, minlength=v)
@@ -77,7 +81,9 @@ def report(cfg, rl: RunLog, out_dir: Path, dy: dynamics.Dynamics, strings=None, 
         comp_cols[f"largest_{thr_key(dy.metric, thr)}"] = c["largest"]
 
     with rl.stage("dynamics_save"):
-        tensors = {"groups": torch.from_numpy(np.ascontiguousarray(dy.groups)),
+        tensors = {"groups": torch.from_numpy(np.ascontiguousarray(dy.groups if token_ids is None
+                                                                  else ids[dy.groups].astype(np.int32))),
+                   "token_ids": torch.from_numpy(ids),
                    "steps": torch.from_numpy(steps.astype(np.int64)),
                    "displacement": torch.from_numpy(np.ascontiguousarray(dy.displacement)),
                    "first_leave": torch.from_numpy(first_leave.astype(np.int64)),
@@ -99,18 +105,18 @@ def report(cfg, rl: RunLog, out_dir: Path, dy: dynamics.Dynamics, strings=None, 
         ev = dy.events
         rl.table(tables.write_csv(out_dir / "events.csv", {
             "step": [e.step for e in ev], "kind": [e.kind for e in ev],
-            "parent_sizes": [_sizes(e.parents) for e in ev], "parent_members": [_ids(e.parents) for e in ev],
-            "child_sizes": [_sizes(e.children) for e in ev], "child_members": [_ids(e.children) for e in ev]}))
+            "parent_sizes": [_sizes(e.parents) for e in ev], "parent_members": [_ids(e.parents, ids) for e in ev],
+            "child_sizes": [_sizes(e.children) for e in ev], "child_members": [_ids(e.children, ids) for e in ev]}))
         rl.table(tables.write_csv(out_dir / "token_dynamics.csv", {
-            "token": list(range(v)), "string": strings,
+            "token": ids.tolist(), "string": strings,
             "first_leave_step": _blank(first_leave), "freeze_step": _blank(freeze),
             "never_changed": (dy.n_changes == 0).tolist(), "changed_steps": dy.n_changes.tolist(),
             "displacement_lattice": [float(x) for x in total],
-            "final_group": final.tolist(), "final_group_size": final_sizes[final].tolist()}))
+            "final_group": ids[final].tolist(), "final_group_size": final_sizes[final].tolist()}))
         ts, tok = np.nonzero(dy.groups[1:] != dy.groups[:-1])
         rl.table(tables.write_csv(out_dir / "group_changes.csv", {
-            "step": steps[ts + 1].tolist(), "token": tok.tolist(), "string": [strings[i] for i in tok],
-            "group_before": dy.groups[ts, tok].tolist(), "group_after": dy.groups[ts + 1, tok].tolist()}))
+            "step": steps[ts + 1].tolist(), "token": ids[tok].tolist(), "string": [strings[i] for i in tok],
+            "group_before": ids[dy.groups[ts, tok]].tolist(), "group_after": ids[dy.groups[ts + 1, tok]].tolist()}))
 
         ls = cfg.dynamics.log_step
         rl.plot(plots_dynamics.dynamics_curves(dy, out_dir / "dynamics_curves.png", log_step=ls,

@@ -1,0 +1,89 @@
+"""Outputs commit last.
+
+A task writes every file of its run (safetensors, tables, plots, shards) into a hidden staging
+folder inside the run folder, under the files' final names.  Only when the task has returned and
+everything else that can fail has been done are they moved to the run folder, with Ctrl-C and
+SIGTERM held back for the few renames.  A run that fails, is interrupted or is killed leaves no
+file under a final name; a killed run's staging folder carries its pid, so the next embdist
+process removes it (:func:`embdist.liveness.remove_dead_temporaries`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".embdist-staging-"
+
+
+def staging_name(pid: int | None = None) -> str:
+    return f"{STAGING_PREFIX}{os.getpid() if pid is None else pid}"
+
+
+class Staging:
+    """The staging folder of one run (``RUN_DIR/.embdist-staging-PID``)."""
+
+    def __init__(self, run_dir: Path):
+        self.final = Path(run_dir)
+        self.dir = self.final / staging_name()
+        self.committed: list[Path] = []
+
+    def open(self) -> "Staging":
+        if self.dir.exists():  # our own pid's leftover (a pid reused): not ours any more
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        return self
+
+    def final_path(self, path: Path) -> Path:
+        """Where a file written into the staging folder will live once committed."""
+        path = Path(path)
+        try:
+            return self.final.resolve() / path.resolve().relative_to(self.dir.resolve())
+        except ValueError:
+            return path
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.dir.rglob("*") if p.is_file() or p.is_symlink())
+
+    def commit(self) -> list[Path]:
+        """Move every staged file to its final name (signals held back meanwhile)."""
+        moved = self.committed = []
+        with _signals_held():
+            for src in self.files():
+                dst = self.final / src.relative_to(self.dir)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+                moved.append(dst)
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if moved:
+            log.info("Committed %d output file(s) to %s", len(moved), self.final)
+        return moved
+
+    def rollback(self) -> None:
+        """Remove what :meth:`commit` moved (the run could not be closed as FINISHED after all)."""
+        for p in self.committed:
+            p.unlink(missing_ok=True)
+        self.committed = []
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C / SIGTERM wait until the block is done (they are delivered right after)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
