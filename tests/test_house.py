@@ -155,3 +155,25 @@ def test_outputs_are_identical_with_1_2_and_7_threads(home, tmp_path):
             del os.environ["EMBDIST_PAIRWISE_THREADS"]
         ref.setdefault("first", got)
         assert got == ref["first"], threads
+
+
+def test_every_run_records_its_kernel_tier(home, tmp_path):
+    """task.kernels picks the tier; the tier actually used is the run's param and tag."""
+    from embdist.pairwise import _native
+
+    from conftest import runs_of
+    rng = np.random.default_rng(5)
+    m = tmp_path / "m.safetensors"
+    save_file({"embeddings.word_embeddings.weight": torch.from_numpy(bf16_round(rng.normal(0, 1, (80, 12))))}, str(m))
+    box = ["bbox.lat_min=-90", "bbox.lat_max=90", "bbox.lon_min=-180", "bbox.lon_max=180", "bbox.r_min=0",
+           "bbox.r_max=1e9", f"model.path={m}", "task.progress=false"]
+    runnable = [t for t in _native.TIERS if _native.lacks(t) is None]
+    for k in ("portable", "auto"):
+        run_embdist(f"task.kernels={k}", *box, f"hydra.run.dir={tmp_path / k}", home=home)
+    run = {r.data.params["task.kernels"]: r for r in runs_of(home)}
+    assert run["portable"].data.tags["embdist.kernels"] == "portable" == run["portable"].data.params["embdist.kernels"]
+    assert run["auto"].data.tags["embdist.kernels"] == runnable[0]
+    missing = [t for t in _native.TIERS if _native.lacks(t) is not None]
+    if missing:      # a tier this CPU lacks: one line, exit 2
+        p = run_embdist(f"task.kernels={missing[0]}", *box, f"hydra.run.dir={tmp_path / 'x'}", home=home, check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and missing[0] in p.stderr, p.stderr

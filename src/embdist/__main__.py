@@ -44,8 +44,21 @@ def run_task(cfg: DictConfig) -> dict:
         if sweep:  # in a sweep the failed job is a FAILED child run, so the sweep's runs tell every outcome
             typed = OmegaConf.to_object(cfg)
         preflight.check_device(typed.task.device)
+        record_kernels(typed.task.kernels, rl)
         # The task writes into a staging folder; job_run moves its files to run_dir last.
         return tasks.get(typed.task.name).run(typed, rl, rl.out_dir)
+
+
+def record_kernels(requested: str, rl) -> str:
+    """Select the CPU kernel tier (task.kernels; auto honours $EMBDIST_KERNELS) and record the tier
+    actually used as the param and tag ``embdist.kernels`` of the run."""
+    from embdist import pairwise
+
+    choice = os.environ.get("EMBDIST_KERNELS", "auto") if requested == "auto" else requested
+    tier = pairwise.use_kernels(choice or "auto")
+    rl.params({"embdist.kernels": tier})
+    rl.tag("embdist.kernels", tier)
+    return tier
 
 
 def _interrupt(signum, frame):

@@ -19,6 +19,7 @@ from embdist.tasks import TASKS as _TASK_MODULES
 
 METRICS = ("euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine")
 DTYPES = ("float32", "float16", "bfloat16")
+KERNELS = ("auto", "avx512", "avx2", "neon", "portable", "torch")  # embdist.pairwise._native.CHOICES
 TASKS = tuple(_TASK_MODULES)  # one list: embdist.tasks.TASKS
 
 
@@ -32,6 +33,7 @@ class TaskConfig:
     out_of_core: bool = False  # write the matrices straight into the output file through a memory map (larger than RAM)
     matrices: Optional[bool] = None  # snapshots: the (T, V, V) matrices (null: when they fit in memory)
     overwrite: bool = False  # true: a run folder that holds a finished run's outputs may be written again
+    kernels: str = "auto"  # CPU kernel tier: auto (the best this CPU runs; $EMBDIST_KERNELS if set) | avx512 | avx2 | neon | portable | torch
 
     def __post_init__(self):
         if self.name not in TASKS:
@@ -41,6 +43,8 @@ class TaskConfig:
         if self.device not in ("auto", "cpu", "cuda", "mps") and not (
                 self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise InputError(f"task.device={self.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
+        if self.kernels not in KERNELS:
+            raise InputError(f"task.kernels={self.kernels!r} is unknown; choose one of {', '.join(KERNELS)}")
         if self.memory_limit_gb is not None:
             positive("task.memory_limit_gb", self.memory_limit_gb, "a memory size in GiB > 0 (or null: what is free)")
 
@@ -133,6 +137,17 @@ class HistoryConfig:
     # (step parsed from the name: step1000, checkpoint-1000, revision=step1000), or [step, path] pairs
     checkpoints: Any = None
 
+    def __post_init__(self):
+        if self.name is not None and not self.name.strip():
+            raise InputError("history.name is empty; give a name or null (the history file's name)")
+        if not self.tensor:
+            raise InputError("history.tensor is empty; name the (steps, tokens, dims) tensor, e.g. embedding_history")
+        for key, least in (("expected_steps", 1), ("vocab_size", 2), ("hidden_dim", 1), ("toy_steps", 1)):
+            v = getattr(self, key)
+            if v is not None and v < least:
+                raise InputError(f"history.{key}={v} is below {least}; give at least {least}"
+                                 + ("" if key == "toy_steps" else " (or null to accept any)"))
+
 
 @dataclass
 class DynamicsConfig:
@@ -149,18 +164,6 @@ class DynamicsConfig:
         for x in self.thresholds:
             if not (x >= 0 and x != float("inf")):
                 raise InputError(f"dynamics.thresholds value {x} is not a finite distance >= 0")
-
-    def __post_init__(self):
-        if self.name is not None and not self.name.strip():
-            raise InputError("history.name is empty; give a name or null (the history file's name)")
-        if not self.tensor:
-            raise InputError("history.tensor is empty; name the (steps, tokens, dims) tensor, e.g. embedding_history")
-        for key, least in (("expected_steps", 1), ("vocab_size", 2), ("hidden_dim", 1), ("toy_steps", 1)):
-            v = getattr(self, key)
-            if v is not None and v < least:
-                raise InputError(f"history.{key}={v} is below {least}; give at least {least}"
-                                 + ("" if key == "toy_steps" else " (or null to accept any)"))
-
 
 @dataclass
 class TrackingConfig:
