@@ -259,15 +259,22 @@ class Tracker:
             from embdist.pairwise._radius import exact_distances
             d = dist.numpy() if isinstance(dist, torch.Tensor) else dist
             slack = 1.0 if self.metric == "chebyshev" else 1 + 1e-5   # Euclidean: engine within 2e-6
-            # distance 0 = identical rows (the engine's contract): joined through the labels
-            flat = d.reshape(-1)
-            hit = flat <= top * slack
-            hit &= flat > 0
-            t, rem = np.divmod(np.flatnonzero(hit), v * v)
-            a, b = np.divmod(rem, v)
-            k = (a < b) & isrep[t, a] & isrep[t, b]
-            t, a, b = t[k], a[k], b[k]
-            val = d[t, a, b].astype(np.float64)
+            # Only pairs of distinct vectors (representatives) are read: identical rows are joined
+            # through the labels. Consecutive steps with the same grouping share one index set.
+            same = np.zeros(c, dtype=bool)
+            same[1:] = (labels[1:] == labels[:-1]).all(axis=1)
+            starts = np.flatnonzero(~same)
+            ends = np.append(starts[1:], c)
+            tt, aa, bb, vv = [], [], [], []
+            for s0, s1 in zip(starts, ends):
+                reps = np.flatnonzero(isrep[s0])
+                i, j = np.triu_indices(len(reps), 1)
+                ra, rb = reps[i], reps[j]
+                vals = d[s0:s1][:, ra, rb]
+                st, pk = np.nonzero(vals <= top * slack)
+                tt.append(st + s0), aa.append(ra[pk]), bb.append(rb[pk]), vv.append(vals[st, pk])
+            t, a, b = (np.concatenate(z).astype(np.int64) for z in (tt, aa, bb))
+            val = np.concatenate(vv).astype(np.float64)
             if self.metric == "euclidean":       # settle the pairs near a threshold exactly
                 near = np.zeros(len(val), dtype=bool)
                 for thr in self.thresholds:
