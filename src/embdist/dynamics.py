@@ -184,7 +184,7 @@ class Tracker:
         self.metric, self.device = metric, device
         self.steps, self.labels, self.disp, self.fis, self.mer, self.events = [], [], [], [], [], []
         self.comp = {x: ([], []) for x in self.thresholds}
-        self.first_bits = self.prev_bits = self.prev_labels = None
+        self.first_bits = self.prev_bits = self.prev_labels = self.first_hash = self.prev_hash = None
         self.first_leave = self.freeze = self.n_changes = None
         self.t = 0
 
@@ -201,18 +201,20 @@ class Tracker:
         elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)   # canonical bits per value
         if not _finite(x, elem):
             raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
-        labels = rows.labels_of_bits(bits)
+        hashes = rows.hash_rows(bits)
+        labels = rows.labels_of_bits(bits, hashes=hashes)
         if self.first_bits is None:
-            self.first_bits = bits[0].copy()
+            self.first_bits, self.first_hash = bits[0].copy(), hashes[0].copy()
             self.first_leave = np.full(v, -1, dtype=np.int64)
             self.freeze = np.full(v, -1, dtype=np.int64)
             self.n_changes = np.zeros(v, dtype=np.int64)
         idx = self.t + np.arange(c)
         # first step off the step-0 row, last change
-        differs0 = (bits != self.first_bits[None]).any(axis=2)
+        differs0 = rows.rows_differ(bits, hashes, self.first_bits[None], self.first_hash[None])
         changed = np.empty((c, v), dtype=bool)
-        changed[0] = False if self.prev_bits is None else (bits[0] != self.prev_bits).any(axis=1)
-        changed[1:] = (bits[1:] != bits[:-1]).any(axis=2)
+        changed[0] = False if self.prev_bits is None else rows.rows_differ(bits[0], hashes[0], self.prev_bits,
+                                                                           self.prev_hash)
+        changed[1:] = rows.rows_differ(bits[1:], hashes[1:], bits[:-1], hashes[:-1])
         for mask, arr, pick in ((differs0, self.first_leave, "first"), (changed, self.freeze, "last")):
             hit = mask.any(axis=0)
             if pick == "first":
@@ -243,7 +245,7 @@ class Tracker:
         self.labels.append(labels.astype(np.int32))
         self.disp.append(disp)
         self.fis.append(fis), self.mer.append(mer)
-        self.prev_bits, self.prev_labels = bits[-1].copy(), labels[-1].copy()
+        self.prev_bits, self.prev_labels, self.prev_hash = bits[-1].copy(), labels[-1].copy(), hashes[-1].copy()
         self.t += c
 
     def _components(self, x: torch.Tensor, labels: np.ndarray, dist) -> None:
