@@ -184,7 +184,7 @@ class Tracker:
         self.metric, self.device = metric, device
         self.steps, self.labels, self.disp, self.fis, self.mer, self.events = [], [], [], [], [], []
         self.comp = {x: ([], []) for x in self.thresholds}
-        self.first_bits = self.prev_bits = self.prev_labels = None
+        self.first_bits = self.prev_bits = self.prev_labels = self.first_hash = self.prev_hash = None
         self.first_leave = self.freeze = self.n_changes = None
         self.t = 0
 
@@ -201,18 +201,20 @@ class Tracker:
         elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)   # canonical bits per value
         if not _finite(x, elem):
             raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
-        labels = rows.labels_of_bits(bits)
+        hashes = rows.hash_rows(bits)
+        labels = rows.labels_of_bits(bits, hashes=hashes)
         if self.first_bits is None:
-            self.first_bits = bits[0].copy()
+            self.first_bits, self.first_hash = bits[0].copy(), hashes[0].copy()
             self.first_leave = np.full(v, -1, dtype=np.int64)
             self.freeze = np.full(v, -1, dtype=np.int64)
             self.n_changes = np.zeros(v, dtype=np.int64)
         idx = self.t + np.arange(c)
         # first step off the step-0 row, last change
-        differs0 = (bits != self.first_bits[None]).any(axis=2)
+        differs0 = rows.rows_differ(bits, hashes, self.first_bits[None], self.first_hash[None])
         changed = np.empty((c, v), dtype=bool)
-        changed[0] = False if self.prev_bits is None else (bits[0] != self.prev_bits).any(axis=1)
-        changed[1:] = (bits[1:] != bits[:-1]).any(axis=2)
+        changed[0] = False if self.prev_bits is None else rows.rows_differ(bits[0], hashes[0], self.prev_bits,
+                                                                           self.prev_hash)
+        changed[1:] = rows.rows_differ(bits[1:], hashes[1:], bits[:-1], hashes[:-1])
         for mask, arr, pick in ((differs0, self.first_leave, "first"), (changed, self.freeze, "last")):
             hit = mask.any(axis=0)
             if pick == "first":
@@ -243,7 +245,7 @@ class Tracker:
         self.labels.append(labels.astype(np.int32))
         self.disp.append(disp)
         self.fis.append(fis), self.mer.append(mer)
-        self.prev_bits, self.prev_labels = bits[-1].copy(), labels[-1].copy()
+        self.prev_bits, self.prev_labels, self.prev_hash = bits[-1].copy(), labels[-1].copy(), hashes[-1].copy()
         self.t += c
 
     def _components(self, x: torch.Tensor, labels: np.ndarray, dist) -> None:
@@ -259,15 +261,22 @@ class Tracker:
             from embdist.pairwise._radius import exact_distances
             d = dist.numpy() if isinstance(dist, torch.Tensor) else dist
             slack = 1.0 if self.metric == "chebyshev" else 1 + 1e-5   # Euclidean: engine within 2e-6
-            # distance 0 = identical rows (the engine's contract): joined through the labels
-            flat = d.reshape(-1)
-            hit = flat <= top * slack
-            hit &= flat > 0
-            t, rem = np.divmod(np.flatnonzero(hit), v * v)
-            a, b = np.divmod(rem, v)
-            k = (a < b) & isrep[t, a] & isrep[t, b]
-            t, a, b = t[k], a[k], b[k]
-            val = d[t, a, b].astype(np.float64)
+            # Only pairs of distinct vectors (representatives) are read: identical rows are joined
+            # through the labels. Consecutive steps with the same grouping share one index set.
+            same = np.zeros(c, dtype=bool)
+            same[1:] = (labels[1:] == labels[:-1]).all(axis=1)
+            starts = np.flatnonzero(~same)
+            ends = np.append(starts[1:], c)
+            tt, aa, bb, vv = [], [], [], []
+            for s0, s1 in zip(starts, ends):
+                reps = np.flatnonzero(isrep[s0])
+                i, j = np.triu_indices(len(reps), 1)
+                ra, rb = reps[i], reps[j]
+                vals = d[s0:s1][:, ra, rb]
+                st, pk = np.nonzero(vals <= top * slack)
+                tt.append(st + s0), aa.append(ra[pk]), bb.append(rb[pk]), vv.append(vals[st, pk])
+            t, a, b = (np.concatenate(z).astype(np.int64) for z in (tt, aa, bb))
+            val = np.concatenate(vv).astype(np.float64)
             if self.metric == "euclidean":       # settle the pairs near a threshold exactly
                 near = np.zeros(len(val), dtype=bool)
                 for thr in self.thresholds:

@@ -124,18 +124,30 @@ def _labels_steps(bits: np.ndarray, h: np.ndarray) -> np.ndarray:
     return labels
 
 
-def labels_of_bits(bits: np.ndarray, chunk_steps: int | None = None) -> np.ndarray:
+def labels_of_bits(bits: np.ndarray, chunk_steps: int | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
     """Labels (int64) from ``canonical_bits``: (n, k) -> (n,); (T, n, k) -> (T, n), in chunks of
-    steps (about 4M words at a time)."""
+    steps (about 4M words at a time). ``hashes``: their ``hash_rows``, when already computed."""
     if bits.ndim == 2:
-        return _labels(bits, hash_rows(bits))
+        return _labels(bits, hash_rows(bits) if hashes is None else hashes)
     t, n, k = bits.shape
     out = np.empty((t, n), dtype=np.int64)
     step = chunk_steps or max(1, _CHUNK_WORDS // max(1, n * k))
     for s in range(0, t, step):
         blk = bits[s:s + step]
-        out[s:s + len(blk)] = _labels_steps(blk, hash_rows(blk)) if n else 0
+        h = hash_rows(blk) if hashes is None else hashes[s:s + step]
+        out[s:s + len(blk)] = _labels_steps(blk, h) if n else 0
     return out
+
+
+def rows_differ(bits: np.ndarray, hashes: np.ndarray, ref_bits: np.ndarray, ref_hashes: np.ndarray) -> np.ndarray:
+    """Whether each row differs from its reference row (same shapes, broadcasting over leading
+    axes): different hashes say so at once; equal hashes are verified on the bits."""
+    differ = hashes != ref_hashes
+    eq = np.nonzero(~differ)
+    if len(eq[0]):
+        ref = np.broadcast_to(ref_bits, bits.shape)
+        differ[eq] = (bits[eq] != ref[eq]).any(axis=-1)
+    return differ
 
 
 def _nan_rows(x) -> np.ndarray | None:
