@@ -36,7 +36,7 @@ Design
 
 What the default run shows (seed 0, 1,000 steps, bundled 42.5 kB text with 73 distinct bytes, so
 55 of the 128 byte tokens never occur): distinct embedding rows 1 at step 0, 57 at step 1, 72 at
-step 10, 74 from step 20 on (73 present bytes + one group of the 55 absent ones, bit-identical to
+step 10, 74 from step 19 on (73 present bytes + one group of the 55 absent ones, bit-identical to
 each other at every step).  The absent group is pushed away by the softmax at AdamW's nearly
 constant speed until its coordinates reach magnitude 1, where an update of lr = 3e-3 is below half
 a bf16 step (2^-8) and is lost: its largest coordinate stops at exactly 1.0.
