@@ -96,7 +96,7 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
         return {"shard": sh.index, "path": str(path)}
     with rl.stage("finalize"):
         results = {metric: stream.finalize(x, p) for metric, p in parts.items()}
-    return report(results, ids, out_dir, rl, cfg, m.path, tok)
+    return report(results, ids, out_dir, rl, cfg, m.path, tokenizer=tok)
 
 
 def _tokenizer(cfg, tensor_file):
@@ -108,7 +108,7 @@ def _tokenizer(cfg, tensor_file):
         return None
 
 
-def report(results: dict, ids: torch.Tensor, out_dir: Path, rl: RunLog | None, cfg, tensor_file, tok=None) -> dict:
+def report(results: dict, ids: torch.Tensor, out_dir: Path, rl: RunLog | None, cfg, tensor_file, tokenizer=None) -> dict:
     """Write the outputs of finished results (single run or merged shards) and log them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def report(results: dict, ids: torch.Tensor, out_dir: Path, rl: RunLog | None, c
     # save_atomic stores the metadata as one sorted-JSON key: byte-identical single and merged runs
     path = store.save_atomic(tensors, out_dir / NEIGHBOURS, metadata={
         "model": str(cfg.model.name), "metrics": list(results), "k": first.k})
-    tk = tok if tok is not None else _tokenizer(cfg, tensor_file)
+    tk = tokenizer if tokenizer is not None else _tokenizer(cfg, tensor_file)
     kinds = [("duplicate", g) for g in dup] + [("near", g) for g in near]
     shown = sorted({int(i) for _, g in kinds for i in g[:MEMBERS_SHOWN]})
     strings = dict(zip(shown, (t.string for t in tokens.describe_tokens(tk, [int(ids_np[i]) for i in shown])))) \
