@@ -1,11 +1,13 @@
 /* Tier avx512 (x86-64 with AVX-512 F/DQ/BW/VL): the per-ISA part of kernels.c.
- * 32 registers of 16 float32: gram tiles 4 x 32, Chebyshev / Manhattan tiles 8 x 32,
+ * 32 registers of 16 float32: gram tiles 8 x 32, Chebyshev / Manhattan tiles 8 x 32,
  * snapshot tiles 8 x 16. */
 #include <immintrin.h>
 #define EMB_TIER_NAME "avx512"
 #define VW 16
 typedef __m512 vf;
-#define GMR 4      /* gram: rows per tile */
+#ifndef GMR
+#define GMR 8      /* gram: rows per tile (16 live accumulators, 16 parked) */
+#endif
 #define GNV 2      /* gram: vectors per tile row */
 #define CMR 8      /* chebyshev / manhattan: rows per tile */
 #define CNV 2

@@ -7,8 +7,12 @@
 #define VW 4
 typedef float vf __attribute__((vector_size(16)));
 typedef int32_t vfi __attribute__((vector_size(16)));
+#ifndef GMR
 #define GMR 4
+#endif
+#ifndef GNV
 #define GNV 2
+#endif
 #define CMR 4
 #define CNV 2
 #define SNR 1
