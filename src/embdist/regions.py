@@ -56,9 +56,9 @@ explicit background model, with a Poisson significance, rather than a clustering
 Why not HDBSCAN on the 3-D points: it finds clumps but neither says how many tokens a smooth
 background would put there nor how unlikely the clump is, and its min_cluster_size is a scale
 of its own; the 3-D density of an embedding cloud also falls steeply with r, which a density
-clustering reads as structure.  The sphere tools and the background model are in ``embdist.skymodel``.  Why not HEALPix: it
-needs healpy/astropy (large dependencies)
-for what a KD-tree count of caps on a quasi-uniform lattice does as well here.
+clustering reads as structure.  Why not HEALPix: it needs healpy/astropy (large dependencies)
+for what a KD-tree count of caps on a quasi-uniform lattice does as well here.  The sphere
+tools, the background model and the significance are in ``embdist.skymodel``.
 """
 from __future__ import annotations
 
