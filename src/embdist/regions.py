@@ -258,7 +258,8 @@ def _region(c, theta, sky, bg, core_sig) -> Region | None:
     # over-dense, joined by friends-of-friends at rho; the groups that reach into the cap.
     within = u[near] @ c >= math.cos(math.radians(2 * theta))
     pts = near[within & (r[rows[near]] >= lo) & (r[rows[near]] <= hi)]
-    rho = max(theta / 2.0, 0.5)
+    # (at most 2 degrees: a neighbourhood count per token stays ~O(N) work at the widest scales)
+    rho = min(max(theta / 2.0, 0.5), 2.0)
     ptree = cKDTree(u[pts])
     n_i = ptree.query_ball_point(u[pts], chord(rho), return_length=True) - 1
     e_i = bg.intensity(u[pts]) * cap_area(rho) * max(frac, 1e-12)
