@@ -38,8 +38,9 @@ def test_page_in_chromium(tmp_path):
             "r_max": 1.0, "tokens": 10, "expected": 2.0, "significance": 6.0},
            {"rank": 2, "lat_min": 80.0, "lat_max": 90.0, "lon_min": -180.0, "lon_max": 180.0, "r_min": 0.0,
             "r_max": 1.0, "tokens": 10, "expected": 2.0, "significance": 6.0}]
+    box = {"lat_min": -90.0, "lat_max": 90.0, "lon_min": -180.0, "lon_max": 180.0, "r_min": 0.0, "r_max": math.inf}
     page = skyhtml.write_sky_html(tmp_path / "sky.html", ids=ids, lat=lat, lon=lon, r=r, strings=strings,
-                                  categories=cats, groups=groups, regions=reg, title="test sky")
+                                  categories=cats, groups=groups, regions=reg, box=box, title="test sky")
     with sync_playwright() as pw:
         p = Page(pw, page)
         try:
@@ -49,6 +50,7 @@ def test_page_in_chromium(tmp_path):
             assert "id 12" in text and "Ωmega" in text and "normal" in text
             assert p.page.locator("#regions tbody tr").count() == 2
             assert "bbox.lon_min=170 bbox.lon_max=-170" in p.page.inner_text("#regions")
+            assert p.page.evaluate("window.skyData.box.r_max") is None  # bbox=all: r_max = inf
             nsel, line = p.select(10.0, -40.0, 40.0, -10.0)
             box = parse(line)
             # the tokens whose projected point lies in the dragged rectangle, found here from

@@ -39,12 +39,13 @@ def test_first_region_holds_the_unused_tokens(survey_run):
     unused = np.array([v.startswith("[unused") and v.endswith("]") for v in vocab])
     assert unused.sum() == 994
     rows = read_csv(run_dir / "regions.csv")
-    assert len(rows) == run.data.metrics["regions"] >= 2
+    assert len(rows) == run.data.metrics["regions"] == 4  # README
     first = {k: float(rows[0][k]) for k in regions.BOX_KEYS}
     inside = regions.in_box(lat, lon, r, first)
     assert (inside & unused).sum() >= 0.95 * 994
     assert abs(inside.sum() - int(rows[0]["tokens"])) <= 2  # two PCAs may differ at a face
     assert int(rows[0]["n_unused"]) == (inside & unused).sum()
+    assert (int(rows[0]["tokens"]), int(rows[0]["n_unused"]), int(rows[0]["n_normal"])) == (1901, 993, 908)  # README
     assert [int(g["rank"]) for g in rows] == list(range(1, len(rows) + 1))
     assert all(float(a["excess"]) >= float(b["excess"]) for a, b in zip(rows, rows[1:]))
     for g in rows:
@@ -84,7 +85,8 @@ def test_tokens_csv_against_references(survey_run):
     assert np.array_equal(np.array([t["reachable"] == "1" for t in rows]), reach)
     unused = np.array([t["category"] == "unused" for t in rows])
     assert not reach[unused].any() and reach.sum() > 15000
-    assert run.data.metrics["unreachable"] == (~reach).sum()
+    assert run.data.metrics["unreachable"] == (~reach).sum() == 6823  # README
+    assert sum(not reach[i] and vocab[i].startswith("##") for i in range(len(w))) == 5828  # README
     # magikarp: first PC (SVD of the centred matrix) removed, cosine distance to the unused mean
     _, _, vt = np.linalg.svd(w - w.mean(0), full_matrices=False)
     v = vt[0]
@@ -93,6 +95,11 @@ def test_tokens_csv_against_references(survey_run):
     ref = 1 - red @ m / (np.linalg.norm(red, axis=1) * np.linalg.norm(m))
     np.testing.assert_allclose([float(t["magikarp"]) for t in rows], ref, rtol=1e-9, atol=1e-12)
     assert ref[unused].mean() < ref[~unused].mean()
+    region1 = np.array([t["region"] == "1" for t in rows])
+    normal = np.array([t["category"] == "normal" for t in rows])
+    assert (round(ref[unused].mean(), 2), round(ref[region1 & normal].mean(), 2), round(ref[normal].mean(), 2)) \
+        == (0.11, 0.18, 0.93)  # README
+    assert (region1 & ~reach).sum() == 1541  # README
     assert run.data.metrics["magikarp_reference_rows"] == unused.sum() == 994
     # region column: the first region whose box holds the row
     reg = read_csv(run_dir / "regions.csv")

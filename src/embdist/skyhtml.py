@@ -42,6 +42,11 @@ def _round(a, digits: int) -> list:
     return [None if not np.isfinite(v) else v for v in np.round(a, digits).tolist()]
 
 
+def _box_json(b) -> dict:
+    """The six numbers; an unbounded r_max (inf) is null in JSON (the drawing uses lat/lon only)."""
+    return {k: (float(b[k]) if np.isfinite(float(b[k])) else None) for k in BOX_KEYS}
+
+
 def write_sky_html(path: str | os.PathLike, *, ids, lat, lon, r, strings: Sequence[str], categories: Sequence[str],
                    groups, regions: Sequence[dict] = (), box: dict | None = None, title: str = "PCA sky") -> Path:
     """Write the page. ``regions``: dicts with rank, the six box keys, tokens, expected,
@@ -57,10 +62,10 @@ def write_sky_html(path: str | os.PathLike, *, ids, lat, lon, r, strings: Sequen
         "s": list(strings), "c": [cat_index[c] for c in categories],
         "g": np.asarray(groups, dtype=np.int64).tolist(),
         "cats": cats, "colours": [COLOURS.get(c, "#17becf") for c in cats],
-        "regions": [{**{k: float(g[k]) for k in BOX_KEYS}, "rank": int(g["rank"]), "tokens": int(g["tokens"]),
+        "regions": [{**_box_json(g), "rank": int(g["rank"]), "tokens": int(g["tokens"]),
                      "expected": float(g["expected"]), "significance": float(g["significance"]),
                      "override": override_line(g)} for g in regions],
-        "box": None if box is None else {**{k: float(box[k]) for k in BOX_KEYS}, "override": override_line(box)},
+        "box": None if box is None else {**_box_json(box), "override": override_line(box)},
     }
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     payload = payload.replace("</", "<\\/")  # a token string must not close the script element
