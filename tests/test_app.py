@@ -259,7 +259,12 @@ def test_console_script_is_the_same_entry_point(home):
     p = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=home, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "embdist: the geometry of language-model token embeddings" in p.stdout
-    assert "task: overdensity, snapshots" in p.stdout and "experiment: qwen3-4b-overdensity" in p.stdout
+    groups: dict = {}
+    for line in p.stdout.split("== Config ==")[0].splitlines():      # the groups section
+        if ":" in line:
+            groups.setdefault(line.split(":")[0].strip(), line.split(":", 1)[1])
+    assert {"overdensity", "snapshots", "vocab", "survey"} <= {t.strip() for t in groups["task"].split(",")}
+    assert "qwen3-4b-overdensity" in {e.strip() for e in groups["experiment"].split(",")}
     cfg = subprocess.run([str(script), "--cfg", "hydra", "--package", "hydra.job"], capture_output=True,
                          text=True, cwd=home, timeout=120)
     assert "name: embdist" in cfg.stdout  # the job name is not __main__
