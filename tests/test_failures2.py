@@ -435,3 +435,17 @@ def test_killed_runs_leave_nothing_and_are_marked_killed(launched, data):
     assert "ended without closing it (killed)" in runs[str(folders[0])].data.tags["error"]
     assert runs[str(home / "next")].info.status == "FINISHED"
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_users_error(tmp_path):
+    """The one failure boundary (embdist.errors.failure_or_raise): one line by default, the
+    traceback with HYDRA_FULL_ERROR=1, for the merge tool as for the app."""
+    missing = tmp_path / "no-such-sweep"
+    cmd = [sys.executable, "-m", "embdist.merge", str(missing), "--no-mlflow"]
+    quiet = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    loud = subprocess.run(cmd, env={**_env(tmp_path), "HYDRA_FULL_ERROR": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].startswith("embdist.merge: error: ")
+    assert str(missing) in quiet.stderr
+    assert loud.returncode == 1 and "Traceback" in loud.stderr and "InputError" in loud.stderr, loud.stderr

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from embdist import config, paths, tasks
-from embdist.errors import failure_line
+from embdist.errors import failure_or_raise
 
 log = logging.getLogger("embdist")
 
@@ -88,9 +88,7 @@ def main(cfg: DictConfig) -> None:
         raise
     except BaseException as e:
         # The one boundary: every failure is one line (the traceback only with HYDRA_FULL_ERROR=1).
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        line, status = failure_line(e)
+        line, status = failure_or_raise(e)
         if status == 1:
             _traceback_to_log_file(e)
         log.error("%s", line)

@@ -5,6 +5,7 @@ Imports nothing heavy: ``--help`` and config errors must not pull in torch or ML
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 # A full disk, a quota or a file-size limit: the user's to fix, not ours.
@@ -36,3 +37,11 @@ def failure_line(e: BaseException) -> tuple[str, int]:
         return f"error: {text or type(e).__name__}", 2
     what = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return f"internal error: {what} (HYDRA_FULL_ERROR=1 shows the traceback)", 1
+
+
+def failure_or_raise(e: BaseException) -> tuple[str, int]:
+    """``failure_line(e)`` for the app's and the merge tool's one failure boundary; with
+    HYDRA_FULL_ERROR=1 it re-raises ``e`` instead, so the traceback is shown."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise e
+    return failure_line(e)

@@ -140,9 +140,7 @@ class _Prefixed:
 def main(argv=None) -> int:
     """``python -m embdist.merge``: every failure is one line (exit 2 for a user's error, 1 for
     an internal one; HYDRA_FULL_ERROR=1 shows the traceback, as for the app)."""
-    import os
-
-    from embdist.errors import failure_line
+    from embdist.errors import failure_or_raise
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -151,9 +149,7 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except BaseException as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        line, status = failure_line(e)
+        line, status = failure_or_raise(e)
         print(f"embdist.merge: {line}", file=sys.stderr)
         return status
 

@@ -47,21 +47,13 @@ DTYPE_RULE = ("embdist reads BF16, F16 and F32 tensors only (other dtypes are re
               "convert it, e.g. save_file({name: t.float()}, path)")
 
 
+_FILE_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def file_kind(mode: int) -> str:
     """What a stat mode says a path is, in words."""
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a special file"
+    return next((words for test, words in _FILE_KINDS if test(mode)), "a special file")
 
 
 def stat_input(path: Path, what: str, fix: str) -> os.stat_result:
