@@ -285,6 +285,8 @@ def test_vocab_task_single_and_sharded_sweeps_agree(home, vocab_file):
     assert single.data.tags["duplicate_group_sizes"] == ",".join(str(len(g)) for g in exact)
     arts = {a.path for a in client_for(home).list_artifacts(single.info.run_id, "tables")}
     assert {"tables/groups.csv", "tables/euclidean_histogram.csv"} <= arts
+    # each stage timed once (the load was once timed twice, nested)
+    assert len(client_for(home).get_metric_history(single.info.run_id, "time/load_s")) == 1
 
     # the same run sharded over joblib and submitit_local jobs: merged = single, bit for bit
     for launcher in ("joblib", "submitit_local"):

@@ -61,14 +61,10 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
     if cfg.task.device not in ("cpu", "auto"):
         raise InputError(f"task=vocab runs on the CPU (native kernels); set task.device=cpu, not {cfg.task.device!r}")
     v, sh = cfg.vocab, cfg.shard
-    with rl.stage("load"):
-        x, ids, m = load_selection(cfg, rl)
+    x, ids, m = load_selection(cfg, rl)  # times its stages (load, pca, sky) and records the input on rl
     n, dim = x.shape
     tok = tokens.tokenizer_for(cfg.model.tokenizer, m.path, int(m.tensor.shape[0]))  # read before the work
-    log.info("Loaded %s from %s: %s %s; analysing %s rows", m.name, m.path, tuple(m.tensor.shape), x.dtype, f"{n:,}")
-    rl.tag("embdist.tensor", m.name)
-    rl.tag("embdist.tensor_file", m.path)
-    rl.input_file(m.path)
+    log.info("Analysing %s rows of %s", f"{n:,}", m.name)
     rl.metrics({"n_rows": m.tensor.shape[0], "n_tokens": n, "n_pairs": n * (n - 1) // 2})
     K = v.k + max(8, v.k)
     dp = -(-max(dim, 1) // 32) * 32
