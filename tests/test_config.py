@@ -68,3 +68,35 @@ def test_value_checks_run_before_work(override, message):
     cfg = compose_cfg(override, "bbox.lat_max=5" if "lat_min=10" in override else "seed=0")
     with pytest.raises(InputError, match=message):
         OmegaConf.to_object(cfg)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("model=custom",), "model.path"),
+    (("model=qwen3-4b-instruct-2507",), "model.path"),
+    (("experiment=qwen3-4b-overdensity",), "model.path"),
+    (("task=snapshots", "history=seed-qweninit"), "history.path"),
+    (("task=snapshots", "history=custom"), "history.path"),
+])
+def test_a_required_path_left_unset_is_refused_not_replaced_by_the_default(overrides, key):
+    """`path: ???` in an option must stay required: merged onto a null schema default it once
+    vanished, and model=custom without model.path quietly analysed the packaged MiniLM."""
+    cfg = compose_cfg(*overrides)
+    paths.fill_names(cfg)  # leaves the unset path alone
+    with pytest.raises(InputError, match=rf"^{key} has no value and the chosen option needs one; set it, e.g. {key}=/"):
+        config.typed(cfg)
+    assert config.typed(compose_cfg(*overrides, f"{key}=/given")).model is not None
+    # the options whose null path means the packaged model / the bundled toy run still build
+    built = config.typed(compose_cfg("task=snapshots"))
+    assert built.model.path is None and built.history.path is None
+
+
+def test_an_unset_model_path_through_the_app_is_one_line_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    p = subprocess.run([sys.executable, "-m", "embdist", "model=custom", f"hydra.run.dir={tmp_path / 'run'}"],
+                       env={**env, "EMBDIST_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("embdist: error: model.path has no value"), p.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run

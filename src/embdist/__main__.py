@@ -31,7 +31,7 @@ def run_task(cfg: DictConfig) -> dict:
     typed = None
     paths.fill_names(cfg)  # names not given come from the input actually read
     if not sweep:  # a single run refuses a bad value before any MLflow run exists
-        typed = OmegaConf.to_object(cfg)  # the typed objects: their __post_init__ checks run before any work
+        typed = config.typed(cfg)  # the typed objects: their __post_init__ checks run before any work
     from embdist import liveness, preflight
     from embdist.tracking import job_run
 
@@ -42,7 +42,7 @@ def run_task(cfg: DictConfig) -> dict:
                           overwrite=bool(cfg.task.overwrite))
     with job_run(cfg, run_dir, hc.job.num if sweep else None, run_dir / f"{hc.job.name}.log") as rl:
         if sweep:  # in a sweep the failed job is a FAILED child run, so the sweep's runs tell every outcome
-            typed = OmegaConf.to_object(cfg)
+            typed = config.typed(cfg)
         preflight.check_device(typed.task.device)
         record_kernels(typed.task.kernels, rl)
         # The task writes into a staging folder; job_run moves its files to run_dir last.

