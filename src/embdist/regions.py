@@ -77,6 +77,9 @@ from embdist.skymodel import (  # noqa: F401  (re-exported: the sphere tools of 
 )
 
 DEFAULT_SCALES = (1.0, 1.5, 2.25, 3.4, 5.0, 7.5, 11.0, 16.0)
+NEIGHBOUR_BUDGET = 200.0  # neighbour visits per point when a core's neighbourhoods are counted
+SCREEN_ROWS = 32_768  # rows of the subsample on which candidates are screened for compactness in r
+NEIGHBOUR_FLOOR = 5e6  # below this many visits in all, every neighbour is counted (no subsample)
 BOX_KEYS = ("lat_min", "lat_max", "lon_min", "lon_max", "r_min", "r_max")
 
 
@@ -158,6 +161,7 @@ def _detect(lat, lon, r, *, scales=DEFAULT_SCALES, degree: int = 6, min_signific
     tree = cKDTree(u)
     bg = Background(degree)
     sky = (u, rows, lat, lon, r, tree)
+    screen = _Screen(u, r[rows])
     regions: list[Region] = []
     counts = {}  # cap counts per scale: the same in every iteration, only the background moves
     for _ in range(iterations):
@@ -168,10 +172,10 @@ def _detect(lat, lon, r, *, scales=DEFAULT_SCALES, degree: int = 6, min_signific
         for c, theta, _sig in peaks:
             if len(regions) >= max_regions or tried >= 3 * max_regions:
                 break
-            if not _free(c, theta, regions, lat, lon):
+            if not _free(c, theta, regions, lat, lon) or not screen.compact(c, theta, bg, max_r_fraction):
                 continue
             tried += 1
-            g = _region(c, theta, sky, bg, core_significance)
+            g = _region(c, theta, sky, bg, core_significance, max_r_fraction)
             if (g is None or g.significance < min_significance or g.excess < min_excess
                     or g.r_fraction > max_r_fraction):
                 continue
@@ -242,17 +246,76 @@ def _peaks(tree, bg, scales, min_sig, min_excess, cache: dict) -> list[tuple[np.
     return [(c, theta, sig) for sig, theta, c in found]
 
 
-def _region(c, theta, sky, bg, core_sig) -> Region | None:
-    u, rows, lat, lon, r, tree = sky
+def _r_range(c, theta, u, ru, tree, bg, f: float = 1.0):
+    """The cap's most significant r interval against its surroundings (``_best_r_interval``):
+    (cap rows, rows within 3 radii, sorted r of the annulus, lo, hi, share of the annulus in
+    the interval), or None for a cap with fewer than 2 rows.  ``u``/``ru``/``tree`` may be a
+    Bernoulli subsample of fraction f of the sky (the background is thinned with it)."""
     idx = np.asarray(tree.query_ball_point(c, chord(theta)), dtype=np.int64)
     if len(idx) < 2:
         return None
     near = np.asarray(tree.query_ball_point(c, chord(3 * theta)), dtype=np.int64)
     ann = near[u[near] @ c < math.cos(math.radians(1.5 * theta))]
-    r_cap = np.sort(r[rows[idx]])
-    r_ann = np.sort(r[rows[ann]])
-    b_cap = float(bg.in_caps(c[None], theta)[0])
-    lo, hi, core_share = _best_r_interval(r_cap, r_ann, b_cap)
+    r_ann = np.sort(ru[ann])
+    b_cap = float(bg.in_caps(c[None], theta)[0]) * f
+    lo, hi, share = _best_r_interval(np.sort(ru[idx]), r_ann, b_cap)
+    return idx, near, r_ann, lo, hi, share
+
+
+class _Screen:
+    """The test of compactness in r on a fixed random subsample of at most ``SCREEN_ROWS`` rows
+    (all rows below that): a crowded sky has hundreds of significant apertures on wide
+    structure that spans every r; each is rejected in O(subsample) work and does not count
+    against the candidates tried.  Those that pass are tested again on every row by _region."""
+
+    def __init__(self, u, ru, seed: int = 0):
+        n = len(u)
+        keep = np.arange(n) if n <= SCREEN_ROWS else np.sort(
+            np.random.default_rng(seed).choice(n, SCREEN_ROWS, replace=False))
+        self.f = len(keep) / n
+        self.u, self.ru = u[keep], ru[keep]
+        self.tree = cKDTree(self.u)
+
+    def compact(self, c, theta, bg, max_r_fraction: float) -> bool:
+        got = _r_range(c, theta, self.u, self.ru, self.tree, bg, self.f)
+        return got is not None and got[5] <= max_r_fraction
+
+
+def _dense(up: np.ndarray, rho: float, expected: np.ndarray, core_sig: float, per_point: float = NEIGHBOUR_BUDGET,
+           floor: float = NEIGHBOUR_FLOOR, probe: int = 256, seed: int = 0) -> np.ndarray:
+    """Which points have an over-dense neighbourhood (radius rho degrees): Poisson significance
+    of the other points within rho against ``expected`` at least ``core_sig``.
+
+    Bounded work: the mean neighbour count is estimated on ``probe`` random points; when the
+    pairs to visit (points x mean count) exceed max(floor, per_point x points), the neighbours
+    are counted in a Bernoulli subsample of fraction f (chosen so that the visits are about
+    per_point x points) and tested against f x expected.  A thinned Poisson process is Poisson
+    with f times the intensity, so the test keeps its false-positive rate exactly; it loses only
+    power, and with ~``per_point`` neighbours at the mean density a neighbourhood a few times
+    denser than the background still stands out by many sigma.  Deterministic (fixed seed)."""
+    n = len(up)
+    if n == 0:
+        return np.zeros(0, bool)
+    rng = np.random.default_rng(seed)
+    ch = chord(rho)
+    tree = cKDTree(up)
+    look = rng.choice(n, size=min(probe, n), replace=False)
+    mean_n = float(tree.query_ball_point(up[look], ch, return_length=True).mean())
+    f = min(1.0, max(floor, per_point * n) / max(n * mean_n, 1.0))
+    if f >= 1.0:
+        k = tree.query_ball_point(up, ch, return_length=True) - 1
+        return poisson_significance(k, expected) >= core_sig
+    sub = rng.random(n) < f
+    k = cKDTree(up[sub]).query_ball_point(up, ch, return_length=True) - sub  # not itself
+    return poisson_significance(k, f * np.asarray(expected)) >= core_sig
+
+
+def _region(c, theta, sky, bg, core_sig, max_r_fraction: float = 1.0) -> Region | None:
+    u, rows, lat, lon, r, tree = sky
+    got = _r_range(c, theta, u, r[rows], tree, bg)
+    if got is None or got[5] > max_r_fraction:  # not compact in r: rejected before any core is grown
+        return None
+    idx, near, r_ann, lo, hi, core_share = got
     frac = _frac_in(r_ann, lo, hi) if len(r_ann) >= 5 else 1.0
     # Core: tokens (in the r range, within 3 radii) whose own neighbourhood of radius rho is
     # over-dense, joined by friends-of-friends at rho; the groups that reach into the cap.
@@ -260,10 +323,8 @@ def _region(c, theta, sky, bg, core_sig) -> Region | None:
     pts = near[within & (r[rows[near]] >= lo) & (r[rows[near]] <= hi)]
     # (at most 2 degrees: a neighbourhood count per token stays ~O(N) work at the widest scales)
     rho = min(max(theta / 2.0, 0.5), 2.0)
-    ptree = cKDTree(u[pts])
-    n_i = ptree.query_ball_point(u[pts], chord(rho), return_length=True) - 1
     e_i = bg.intensity(u[pts]) * cap_area(rho) * max(frac, 1e-12)
-    dense = poisson_significance(n_i, e_i) >= core_sig
+    dense = _dense(u[pts], rho, e_i, core_sig)
     if dense.sum() < 2:
         return None
     cand = pts[dense]
