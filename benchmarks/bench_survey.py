@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import numpy as np
 import torch
 
-from bench_vocab import DEAD_GROUPS, DEAD_UNIQUE, planted
+from bench_vocab import DEAD_GROUPS, DEAD_UNIQUE, planted, vm_hwm_mb
 from embdist import flags, geometry, selection, sources, tokens
 from embdist.config import BasisConfig, SurveyConfig
 from embdist.tasks import survey
@@ -151,6 +151,7 @@ def main() -> int:
                 print(f"(browser row skipped: {e})")
 
     total = t_survey + t_reach
+    peak_mb = vm_hwm_mb()  # this process (the browser is another)
     lines = [
         f"matrix {a.n:,} x {a.d:,} bf16 (synthetic; {len(dead):,} dead rows planted, {beyond} beyond the tokenizer)",
         f"PCA step alone                         {t_pca:8.2f} s",
@@ -160,6 +161,7 @@ def main() -> int:
         f"  with the page written too            {total + t_html:8.2f} s   ratio {(total + t_html) / t_pca:5.2f}x",
         f"HTML page                              {size_mb:8.1f} MB  (written in {t_html:.1f} s)   target < 40 MB",
         f"page open in headless Chromium         " + (f"{t_open:8.2f} s   target < 10 s" if t_open is not None else "skipped"),
+        f"peak memory of this process (VmHWM)    {peak_mb / 1024:8.2f} GB",
         f"regions {len(found)}; region 1 holds {held:.1%} of the dead rows; duplicate groups {'as planted' if sizes == sorted(DEAD_GROUPS) else sizes}",
         "checks: " + ("PASS" if ok else "FAIL"),
     ]
@@ -174,7 +176,7 @@ def main() -> int:
             mlflow.log_params({"n": a.n, "d": a.d})
             mlflow.log_metrics({"pca_s": t_pca, "survey_s": total, "ratio": total / t_pca, "html_mb": size_mb,
                                 "region1_dead_share": held, **({"open_s": t_open} if t_open is not None else {}),
-                                **{f"{k}_s": v for k, v in stages.items()}})
+                                "peak_rss_mb": peak_mb, **{f"{k.replace('+', '_')}_s": v for k, v in stages.items()}})
             mlflow.log_text(text, "bench_survey.txt")
     return 0 if ok else 1
 
