@@ -84,8 +84,9 @@ def _monomials(u: np.ndarray, degree: int) -> np.ndarray:
 class Background:
     """Smooth intensity f(u) (tokens per steradian) on the sphere, fitted by Poisson ML."""
 
-    def __init__(self, degree: int = 6, quad: int = _QUAD):
+    def __init__(self, degree: int = 6, quad: int = _QUAD, ridge: float = 1e-3):
         self.degree = degree
+        self.ridge = ridge
         self.q = fibonacci_sphere(quad)
         m = _monomials(self.q, degree)
         # Orthonormal basis on the quadrature (mean of B_j B_k = delta_jk): Newton is well conditioned.
@@ -112,15 +113,25 @@ class Background:
         # orthonormal under the quadrature mean, so its coefficients are the means of B_k.
         const = self.basis(self.q).mean(0)
         a = const * math.log(max(keep_d.sum(), 1) / area)
+        # Ridge on the non-constant part (lam = ridge x tokens): on an ordinary sky the
+        # coefficients are O(1) and move by ~ridge; on a sky crowded into a few degrees the
+        # unpenalised optimum needs a log-intensity range of thousands (overflow, a meaningless
+        # background) and the ridge keeps it finite.
+        proj = np.eye(len(a)) - np.outer(const, const) / float(const @ const)
+        lam = self.ridge * max(int(keep_d.sum()), 1)
 
         def loglik(a):
-            return float(bd @ a - w * np.exp(np.clip(bq @ a, -700, 700)).sum())
+            t = bq @ a
+            if t.max() > 700:
+                return -math.inf
+            pa = proj @ a
+            return float(bd @ a - w * np.exp(t).sum() - 0.5 * lam * pa @ pa)
 
         ll = loglik(a)
         for _ in range(60):
             f = w * np.exp(np.clip(bq @ a, -700, 700))
-            g = bd - bq.T @ f
-            h = (bq * f[:, None]).T @ bq + 1e-9 * np.eye(len(a))
+            g = bd - bq.T @ f - lam * (proj @ a)
+            h = (bq * f[:, None]).T @ bq + lam * proj + 1e-9 * np.eye(len(a))
             step = np.linalg.solve(h, g)
             t = 1.0
             while t > 1e-6:
@@ -128,6 +139,8 @@ class Background:
                 if new >= ll - 1e-12:
                     break
                 t /= 2
+            else:  # no step improves the likelihood: at the optimum to rounding
+                break
             a, gain, ll = a + t * step, new - ll, new
             if abs(gain) < 1e-7 * max(1.0, abs(ll)) or float(g @ step) < 1e-6:
                 break
