@@ -145,3 +145,14 @@ def test_survey_page_in_chromium(survey_run):
             assert p.open_s < 10
         finally:
             p.close()
+
+
+def test_untrained_ids_outside_the_matrix_are_refused_before_the_work(tmp_path):
+    p = run_embdist("task=survey", "survey.untrained_ids=[5,30522,999999]", "task.progress=false",
+                    f"hydra.run.dir={tmp_path / 'run'}", home=tmp_path, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert last == ("embdist: error: survey.untrained_ids [30522, 999999] are not a row of all-MiniLM-L6-v2 "
+                    "(30,522 rows: ids 0..30521); give token ids of this matrix"), last
+    (r,) = runs_of(tmp_path)
+    assert r.info.status == "FAILED" and "time/pca_s" not in r.data.metrics  # refused before the PCA

@@ -84,6 +84,11 @@ def run(cfg: Config, rl: RunLog, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     with rl.stage("load"):
         m, w, kept = selection.load(cfg, rl)
+    n_rows = int(m.tensor.shape[0])
+    outside = sorted(i for i in set(cfg.survey.untrained_ids) if not 0 <= int(i) < n_rows)
+    if outside:  # before the work: a typo here would quietly leave the magikarp reference smaller
+        raise InputError(f"survey.untrained_ids {outside[:5]} {'are' if len(outside) > 1 else 'is'} not a row of "
+                         f"{cfg.model.name} ({n_rows:,} rows: ids 0..{n_rows - 1}); give token ids of this matrix")
     pcs, sky = selection.sky_of(cfg, w, rl)
     ids = (kept if kept is not None else torch.arange(w.shape[0])).numpy().astype(np.int64)
     n = len(ids)
