@@ -90,6 +90,13 @@ def lattice_units(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
 
 
 _UINT = {2: np.uint16, 4: np.uint32}
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}    # element codes of kernels_dynamics.c
+FILTER_COLS = 16        # columns of largest spread in the components' candidate filter
+
+
+def _native_lib():
+    from embdist.pairwise._radius import dynamics_lib
+    return dynamics_lib()
 _EXP = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
 
 
@@ -174,6 +181,13 @@ def _components(n_steps: int, v: int, labels: np.ndarray, t: np.ndarray, a: np.n
     return count, largest
 
 
+def _runs(mask: np.ndarray):
+    """(start, end) of the runs of True in a 1-D mask."""
+    m = np.concatenate(([False], mask, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(m))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
 class Tracker:
     """Accumulates the dynamics over steps given in order (chunks of any size)."""
 
@@ -184,8 +198,8 @@ class Tracker:
         self.metric, self.device = metric, device
         self.steps, self.labels, self.disp, self.fis, self.mer, self.events = [], [], [], [], [], []
         self.comp = {x: ([], []) for x in self.thresholds}
-        self.first_bits = self.prev_bits = self.prev_labels = self.first_hash = self.prev_hash = None
-        self.first_leave = self.freeze = self.n_changes = None
+        self.first_bits = self.prev_bits = self.prev_labels = self.first_hash = None
+        self.first_leave = self.freeze = self.n_changes = self.prev_comp = None
         self.t = 0
 
     def add(self, steps, x: torch.Tensor, dist: torch.Tensor | None = None) -> None:
@@ -198,23 +212,14 @@ class Tracker:
         if c == 0:
             return
         bits = rows.canonical_bits(x)                     # canonical row words (-0.0 -> +0.0)
-        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)   # canonical bits per value
-        if not _finite(x, elem):
-            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
-        hashes = rows.hash_rows(bits)
-        labels = rows.labels_of_bits(bits, hashes=hashes)
-        if self.first_bits is None:
-            self.first_bits, self.first_hash = bits[0].copy(), hashes[0].copy()
-            self.first_leave = np.full(v, -1, dtype=np.int64)
-            self.freeze = np.full(v, -1, dtype=np.int64)
-            self.n_changes = np.zeros(v, dtype=np.int64)
+        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1) if x.element_size() in _UINT else None
+        lib = _native_lib() if x.dtype in _DT else None
+        if lib is not None:
+            labels, changed, differs0, disp = self._native_steps(lib, x, bits, elem)
+        else:
+            labels, changed, differs0, disp = self._numpy_steps(x, bits, elem)
         idx = self.t + np.arange(c)
         # first step off the step-0 row, last change
-        differs0 = rows.rows_differ(bits, hashes, self.first_bits[None], self.first_hash[None])
-        changed = np.empty((c, v), dtype=bool)
-        changed[0] = False if self.prev_bits is None else rows.rows_differ(bits[0], hashes[0], self.prev_bits,
-                                                                           self.prev_hash)
-        changed[1:] = rows.rows_differ(bits[1:], hashes[1:], bits[:-1], hashes[:-1])
         for mask, arr, pick in ((differs0, self.first_leave, "first"), (changed, self.freeze, "last")):
             hit = mask.any(axis=0)
             if pick == "first":
@@ -223,14 +228,6 @@ class Tracker:
             else:
                 arr[hit] = idx[c - 1 - mask[::-1].argmax(axis=0)[hit]]
         self.n_changes += changed.sum(axis=0)
-        # displacement in lattice units, chunked to bound the temporaries
-        disp = np.zeros((c, v))                      # unchanged rows: equal bits, 0 units
-        nsteps = max(1, _CHUNK_ELEMS // max(1, v * elem.shape[2]))
-        if self.prev_bits is not None:
-            disp[0] = _units_from_bits(self.prev_bits.view(elem.dtype).reshape(v, -1), elem[0], x.dtype)
-        for s0 in range(1, c, nsteps):               # consecutive steps as views: no gathers
-            s1 = min(c, s0 + nsteps)
-            disp[s0:s1] = _units_from_bits(elem[s0 - 1:s1 - 1], elem[s0:s1], x.dtype)
         # events
         prev_labels = labels[:1] if self.prev_labels is None else self.prev_labels[None]
         before = np.concatenate([prev_labels, labels[:-1]])
@@ -240,17 +237,74 @@ class Tracker:
             fis[s] = sum(e.kind == "fission" for e in ev)
             mer[s] = len(ev) - fis[s]
             self.events.extend(ev)
-        self._components(x, labels, dist)
+        self._components(x, labels, dist, changed)
         self.steps.extend(int(s) for s in steps)
         self.labels.append(labels.astype(np.int32))
         self.disp.append(disp)
         self.fis.append(fis), self.mer.append(mer)
-        self.prev_bits, self.prev_labels, self.prev_hash = bits[-1].copy(), labels[-1].copy(), hashes[-1].copy()
+        self.prev_bits, self.prev_labels = bits[-1].copy(), labels[-1].copy()
         self.t += c
 
-    def _components(self, x: torch.Tensor, labels: np.ndarray, dist) -> None:
+    def _start(self, bits: np.ndarray, v: int) -> None:
+        if self.first_bits is None:
+            self.first_bits = bits[0].copy()
+            self.first_leave = np.full(v, -1, dtype=np.int64)
+            self.freeze = np.full(v, -1, dtype=np.int64)
+            self.n_changes = np.zeros(v, dtype=np.int64)
+
+    def _native_steps(self, lib, x: torch.Tensor, bits: np.ndarray, elem: np.ndarray):
+        """Labels, changes and lattice units of a chunk in two native passes (kernels_dynamics.c):
+        the hashes are embdist.rows' (hash_rows), equal hashes verified bytewise."""
+        c, v, _ = x.shape
+        self._start(bits, v)
+        dt = _DT[x.dtype]
+        changed = np.empty((c, v), dtype=np.uint8)
+        differs0 = np.empty((c, v), dtype=np.uint8)
+        disp = np.empty((c, v))
+        prev = None if self.prev_bits is None else self.prev_bits.view(elem.dtype)
+        first = np.ascontiguousarray(self.first_bits).view(elem.dtype)
+        bad = lib.emb_dyn_steps(elem.ctypes.data, None if prev is None else prev.ctypes.data, first.ctypes.data,
+                                dt, c, v, elem.shape[2], changed.ctypes.data, differs0.ctypes.data, disp.ctypes.data)
+        if bad:
+            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
+        hashes = rows.hash_rows(bits)
+        labels = np.empty((c, v), dtype=np.int64)
+        lib.emb_dyn_labels(bits.ctypes.data, c, v, bits.shape[2] * bits.itemsize, hashes.ctypes.data,
+                           labels.ctypes.data)
+        if c and v and labels.min() < 0:
+            raise MemoryError("the dynamics' label pass ran out of memory")
+        return labels, changed.view(bool), differs0.view(bool), disp
+
+    def _numpy_steps(self, x: torch.Tensor, bits: np.ndarray, elem):
+        """The same without the native library (numpy; embdist.rows' labels)."""
+        c, v, _ = x.shape
+        if not _finite(x, elem if elem is not None else bits):
+            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
+        hashes = rows.hash_rows(bits)
+        labels = rows.labels_of_bits(bits, hashes=hashes)
+        self._start(bits, v)
+        if self.first_hash is None:
+            self.first_hash = rows.hash_rows(self.first_bits)
+        differs0 = rows.rows_differ(bits, hashes, self.first_bits[None], self.first_hash[None])
+        changed = np.empty((c, v), dtype=bool)
+        changed[0] = False if self.prev_bits is None else rows.rows_differ(
+            bits[0], hashes[0], self.prev_bits, rows.hash_rows(self.prev_bits))
+        changed[1:] = rows.rows_differ(bits[1:], hashes[1:], bits[:-1], hashes[:-1])
+        disp = np.zeros((c, v))                      # unchanged rows: equal bits, 0 units
+        nsteps = max(1, _CHUNK_ELEMS // max(1, v * elem.shape[2]))
+        if self.prev_bits is not None:
+            disp[0] = _units_from_bits(self.prev_bits.view(elem.dtype).reshape(v, -1), elem[0], x.dtype)
+        for s0 in range(1, c, nsteps):               # consecutive steps as views: no gathers
+            s1 = min(c, s0 + nsteps)
+            disp[s0:s1] = _units_from_bits(elem[s0 - 1:s1 - 1], elem[s0:s1], x.dtype)
+        return labels, changed, differs0, disp
+
+    def _components(self, x: torch.Tensor, labels: np.ndarray, dist, changed: np.ndarray | None = None) -> None:
         if not self.thresholds:
             return
+        lib = _native_lib() if x.dtype in _DT else None
+        if lib is not None:
+            return self._native_components(lib, x, labels, changed)
         c, v, _ = x.shape
         top = self.thresholds[-1]
         isrep = labels == np.arange(v)
@@ -295,6 +349,40 @@ class Tracker:
             k = val <= thr
             count, largest = _components(c, v, labels, t[k], a[k], b[k])
             self.comp[thr][0].append(count), self.comp[thr][1].append(largest)
+
+    def _native_components(self, lib, x: torch.Tensor, labels: np.ndarray, changed) -> None:
+        """Components of every step of the chunk in one native pass (kernels_dynamics.c): candidate
+        pairs of distinct vectors filtered on the columns of largest spread, each evaluated
+        exactly (Chebyshev: the engine's float32 max; Euclidean: its float64 direct sum), joined
+        per threshold. A step where no row changed repeats the step before."""
+        c, v, d = x.shape
+        x = x.detach().cpu().contiguous()
+        thr = np.array(self.thresholds, dtype=np.float64)
+        nthr = len(thr)
+        count = np.zeros((c, nthr), dtype=np.int64)
+        largest = np.zeros((c, nthr), dtype=np.int64)
+        same = np.zeros(c, dtype=bool)                 # no row changed: the step before's components
+        if changed is not None:
+            same[:] = ~changed.any(axis=1)
+            if self.prev_comp is None:
+                same[0] = False
+        if not same.all() and v:
+            sample = x[np.flatnonzero(~same)[-1], ::max(1, v // 4096)].float()
+            spread = sample.var(dim=0).numpy() if len(sample) > 1 else np.zeros(d)
+            order = np.argsort(-spread, kind="stable").astype(np.int64)
+            lab = np.ascontiguousarray(labels, dtype=np.int64)
+            for s0, s1 in _runs(~same):
+                got = lib.emb_dyn_components(x[s0].data_ptr(), _DT[x.dtype], s1 - s0, v, d, lab[s0].ctypes.data,
+                                             1 if self.metric == "chebyshev" else 0, thr.ctypes.data, nthr,
+                                             order.ctypes.data, FILTER_COLS, count[s0].ctypes.data,
+                                             largest[s0].ctypes.data)
+                if got < 0:
+                    raise MemoryError("the dynamics' components pass ran out of memory")
+        for s in np.flatnonzero(same):
+            count[s], largest[s] = (count[s - 1], largest[s - 1]) if s else self.prev_comp
+        self.prev_comp = (count[-1].copy(), largest[-1].copy())
+        for k, t in enumerate(self.thresholds):
+            self.comp[t][0].append(count[:, k]), self.comp[t][1].append(largest[:, k])
 
     def result(self) -> Dynamics:
         if not self.labels:
