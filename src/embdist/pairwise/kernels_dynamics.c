@@ -57,8 +57,21 @@ static inline float dyn_val(const void *b, int dt, int64_t idx) { return ld_f32(
 /* 2^(134 - max(E, 1)), E the float32 (= bfloat16) exponent field of f */
 static inline double dyn_scale(float f) {
     uint32_t u; memcpy(&u, &f, 4);
-    int e = (int)((u >> 23) & 0xFFu);
-    return ldexp(1.0, 134 - (e > 1 ? e : 1));
+    const int e = (int)((u >> 23) & 0xFFu);
+    const uint64_t b = (uint64_t)(134 - (e > 1 ? e : 1) + 1023) << 52;   /* exponents -120..133: normal doubles */
+    double r; memcpy(&r, &b, 8); return r;
+}
+
+/* bf16 x -> y when the sign or exponent differs: |y - x| * 2^(134 - max(E_x, 1)) (exact: a
+ * float64 difference of two bf16 values times a power of two); 0 otherwise */
+static inline double dyn_units_other(uint16_t x, uint16_t y) {
+    const uint32_t bx = (uint32_t)x << 16, by = (uint32_t)y << 16;
+    float fx, fy; memcpy(&fx, &bx, 4); memcpy(&fy, &by, 4);
+    const int64_t e = (x >> 7) & 0xFF;
+    const uint64_t sb = (uint64_t)(134 - (e > 1 ? e : 1) + 1023) << 52;
+    double sc; memcpy(&sc, &sb, 8);
+    const double u = fabs((double)fy - (double)fx) * sc;
+    return ((x ^ y) >= 0x80) ? u : 0.0;
 }
 
 static double dyn_units_row(const void *p, const void *q, int dt, int64_t off, int64_t d) {
@@ -78,12 +91,14 @@ static double dyn_units_row(const void *p, const void *q, int dt, int64_t off, i
             }
             tot += is;
         }
-        if (other)
-            for (int64_t k = 0; k < d; k++)
-                if ((a[k] ^ b[k]) >= 0x80) {
-                    const float fx = dyn_val(a, 1, k), fy = dyn_val(b, 1, k);
-                    f += fabs((double)fy - (double)fx) * dyn_scale(fx);
-                }
+        if (other) {                              /* the values that changed sign or binade */
+            double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int64_t k = 0;
+            for (; k + 8 <= d; k += 8)                /* branch-free, eight partial sums: vectorises */
+                for (int l = 0; l < 8; l++) acc[l] += dyn_units_other(a[k + l], b[k + l]);
+            for (int l = 0; k < d; k++, l++) acc[l] += dyn_units_other(a[k], b[k]);
+            f = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        }
         return (double)tot + f;
     }
     for (int64_t k = 0; k < d; k++) {
