@@ -20,9 +20,22 @@ Per step t (rows compared bitwise in the stored dtype, -0.0 == +0.0, equal hashe
   never-changed tokens have ``freeze = -1`` and ``n_changes = 0``); ``displacement[t, i]`` the
   move from step t-1 to t in bf16 lattice units.
 * components at each threshold (``metric`` euclidean or chebyshev, pairs with distance <=
-  threshold joined): their number and the largest one's size in tokens, from the engine (the
-  per-step matrices when given or when V is small; ``pairwise._radius.radius_pairs``, the
-  streaming pass's radius machinery, when V is large).
+  threshold joined): their number and the largest one's size in tokens.
+
+How (native kernels, ``pairwise/kernels_dynamics.c``; a chunk of steps per call, no per-step
+Python): the rows' hashes are ``rows.hash_rows`` of ``rows.canonical_bits`` for the whole chunk,
+grouped per step with equal hashes verified bytewise (the rows contract); changes, step-0
+differences, lattice units and the finiteness check are one pass over the bits; the components
+are one pass over the rows: candidate pairs of distinct vectors by a necessary condition (a pair
+within distance r differs by at most r in every column: a sorted window on the column of largest
+spread, then a 16-lane filter on the next columns by spread), every candidate evaluated exactly
+with the engine's arithmetic (Chebyshev: the float32 max |a - b| of the Chebyshev kernel;
+Euclidean: its float64 direct sum) and joined in one union-find per threshold; a pair already
+joined at a threshold is only evaluated against the smaller ones. The pairs joined are those of
+a brute force over all pairs, so no matrix is needed at any V; a step where no row changed
+repeats the step before. Without the native library the same results come from numpy
+(``rows.labels_of_bits``) and the engine: the per-step matrices when given or when V is small,
+``pairwise._radius.radius_pairs`` (the streaming pass's radius machinery) when V is large.
 
 Lattice units (the seeds' dW' = dW / 2^(E-134)): a coordinate's move |x_t - x_{t-1}| divided by
 the bf16 spacing at the **earlier** value x_{t-1}: 2^(E-134) with E its bf16 exponent field
@@ -40,6 +53,7 @@ import numpy as np
 import torch
 
 from embdist import rows
+from embdist._dynamics_native import _DT    # element codes of kernels_dynamics.c
 
 METRICS = ("chebyshev", "euclidean")
 SMALL_V = 4096          # up to this many tokens the components come from per-step matrices
@@ -90,13 +104,13 @@ def lattice_units(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
 
 
 _UINT = {2: np.uint16, 4: np.uint32}
-_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}    # element codes of kernels_dynamics.c
-FILTER_COLS = 16        # columns of largest spread in the components' candidate filter
 
 
 def _native_lib():
     from embdist.pairwise._radius import dynamics_lib
     return dynamics_lib()
+
+
 _EXP = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
 
 
@@ -181,13 +195,6 @@ def _components(n_steps: int, v: int, labels: np.ndarray, t: np.ndarray, a: np.n
     return count, largest
 
 
-def _runs(mask: np.ndarray):
-    """(start, end) of the runs of True in a 1-D mask."""
-    m = np.concatenate(([False], mask, [False])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(m))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
-
-
 class Tracker:
     """Accumulates the dynamics over steps given in order (chunks of any size)."""
 
@@ -204,7 +211,8 @@ class Tracker:
 
     def add(self, steps, x: torch.Tensor, dist: torch.Tensor | None = None) -> None:
         """x: (c, V, D) rows of c consecutive steps in their stored dtype (or (V, D) for one);
-        dist: optional (c, V, V) float32 matrices of ``metric`` for these steps (engine output)."""
+        dist: optional (c, V, V) float32 matrices of ``metric`` for these steps (engine output),
+        used for the components only without the native kernels."""
         if x.ndim == 2:
             x, steps = x[None], [steps]
             dist = None if dist is None else dist[None]
@@ -253,27 +261,8 @@ class Tracker:
             self.n_changes = np.zeros(v, dtype=np.int64)
 
     def _native_steps(self, lib, x: torch.Tensor, bits: np.ndarray, elem: np.ndarray):
-        """Labels, changes and lattice units of a chunk in two native passes (kernels_dynamics.c):
-        the hashes are embdist.rows' (hash_rows), equal hashes verified bytewise."""
-        c, v, _ = x.shape
-        self._start(bits, v)
-        dt = _DT[x.dtype]
-        changed = np.empty((c, v), dtype=np.uint8)
-        differs0 = np.empty((c, v), dtype=np.uint8)
-        disp = np.empty((c, v))
-        prev = None if self.prev_bits is None else self.prev_bits.view(elem.dtype)
-        first = np.ascontiguousarray(self.first_bits).view(elem.dtype)
-        bad = lib.emb_dyn_steps(elem.ctypes.data, None if prev is None else prev.ctypes.data, first.ctypes.data,
-                                dt, c, v, elem.shape[2], changed.ctypes.data, differs0.ctypes.data, disp.ctypes.data)
-        if bad:
-            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
-        hashes = rows.hash_rows(bits)
-        labels = np.empty((c, v), dtype=np.int64)
-        lib.emb_dyn_labels(bits.ctypes.data, c, v, bits.shape[2] * bits.itemsize, hashes.ctypes.data,
-                           labels.ctypes.data)
-        if c and v and labels.min() < 0:
-            raise MemoryError("the dynamics' label pass ran out of memory")
-        return labels, changed.view(bool), differs0.view(bool), disp
+        from embdist import _dynamics_native
+        return _dynamics_native.steps(self, lib, x, bits, elem)
 
     def _numpy_steps(self, x: torch.Tensor, bits: np.ndarray, elem):
         """The same without the native library (numpy; embdist.rows' labels)."""
@@ -351,38 +340,8 @@ class Tracker:
             self.comp[thr][0].append(count), self.comp[thr][1].append(largest)
 
     def _native_components(self, lib, x: torch.Tensor, labels: np.ndarray, changed) -> None:
-        """Components of every step of the chunk in one native pass (kernels_dynamics.c): candidate
-        pairs of distinct vectors filtered on the columns of largest spread, each evaluated
-        exactly (Chebyshev: the engine's float32 max; Euclidean: its float64 direct sum), joined
-        per threshold. A step where no row changed repeats the step before."""
-        c, v, d = x.shape
-        x = x.detach().cpu().contiguous()
-        thr = np.array(self.thresholds, dtype=np.float64)
-        nthr = len(thr)
-        count = np.zeros((c, nthr), dtype=np.int64)
-        largest = np.zeros((c, nthr), dtype=np.int64)
-        same = np.zeros(c, dtype=bool)                 # no row changed: the step before's components
-        if changed is not None:
-            same[:] = ~changed.any(axis=1)
-            if self.prev_comp is None:
-                same[0] = False
-        if not same.all() and v:
-            sample = x[np.flatnonzero(~same)[-1], ::max(1, v // 4096)].float()
-            spread = sample.var(dim=0).numpy() if len(sample) > 1 else np.zeros(d)
-            order = np.argsort(-spread, kind="stable").astype(np.int64)
-            lab = np.ascontiguousarray(labels, dtype=np.int64)
-            for s0, s1 in _runs(~same):
-                got = lib.emb_dyn_components(x[s0].data_ptr(), _DT[x.dtype], s1 - s0, v, d, lab[s0].ctypes.data,
-                                             1 if self.metric == "chebyshev" else 0, thr.ctypes.data, nthr,
-                                             order.ctypes.data, FILTER_COLS, count[s0].ctypes.data,
-                                             largest[s0].ctypes.data)
-                if got < 0:
-                    raise MemoryError("the dynamics' components pass ran out of memory")
-        for s in np.flatnonzero(same):
-            count[s], largest[s] = (count[s - 1], largest[s - 1]) if s else self.prev_comp
-        self.prev_comp = (count[-1].copy(), largest[-1].copy())
-        for k, t in enumerate(self.thresholds):
-            self.comp[t][0].append(count[:, k]), self.comp[t][1].append(largest[:, k])
+        from embdist import _dynamics_native
+        _dynamics_native.components(self, lib, x, labels, changed)
 
     def result(self) -> Dynamics:
         if not self.labels:
