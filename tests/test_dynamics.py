@@ -368,3 +368,20 @@ def test_inf_is_refused(dtype):
     h[1, 2, 1] = float("-inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         dynamics.history_dynamics(h, [0.1], "chebyshev", device="cpu")
+
+
+@pytest.mark.skipif(dynamics._native_lib() is None, reason="no native kernels")
+def test_native_passes_do_not_depend_on_threads(monkeypatch):
+    """Pieces of steps (a history chunk) or of tokens (one checkpoint) on worker threads: the same
+    numbers with 1 and 3 threads."""
+    from embdist.pairwise import _cpu
+    h = _training_like(torch.bfloat16, t=9, v=500, d=24, seed=8)
+    runs = []
+    for n in (1, 3):
+        monkeypatch.setattr(_cpu, "n_threads", lambda n=n: n)
+        tr = dynamics.Tracker([0.004, 0.02], "chebyshev")
+        tr.add(range(4), h[:4])
+        for t in range(4, 9):
+            tr.add(t, h[t])
+        runs.append(tr.result())
+    _same_dynamics(*runs)
