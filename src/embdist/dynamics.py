@@ -366,7 +366,10 @@ def history_dynamics(history: torch.Tensor, thresholds=(2 * 2.0 ** -7,), metric:
     t, v, d = history.shape
     steps = np.arange(t) if steps is None else np.asarray(steps)
     if chunk_steps is None:
-        chunk_steps = max(1, min(_CHUNK_ELEMS // max(1, v * d), _CHUNK_ELEMS // max(1, v * v)))
+        if history.dtype in _DT and _native_lib() is not None:    # no matrices: chunks of ~16M values
+            chunk_steps = max(1, 4 * _CHUNK_ELEMS // max(1, v * d))
+        else:
+            chunk_steps = max(1, min(_CHUNK_ELEMS // max(1, v * d), _CHUNK_ELEMS // max(1, v * v)))
     tr = Tracker(thresholds, metric, device)
     for s in range(0, t, chunk_steps):
         e = min(t, s + chunk_steps)
