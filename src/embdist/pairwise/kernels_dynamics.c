@@ -230,6 +230,17 @@ static int dyn_cmp_sv(const void *p, const void *q) {
  * Returns the number of pairs evaluated, or -1 when memory ran out. */
 #define DYN_L 16
 #define DYN_R 8          /* rows sharing each column block */
+/* Euclidean lanes: acc[l] += (col[l] - a)^2 (float32), bit l set while acc[l] <= q */
+static inline uint32_t dyn_lanes_sq(const float *col, float a, float *acc, float q) {
+    uint32_t m = 0;
+    for (int l = 0; l < DYN_L; l++) {
+        const float t = col[l] - a;
+        acc[l] += t * t;
+        m |= (uint32_t)(acc[l] <= q) << l;
+    }
+    return m;
+}
+
 /* bit l set when |col[l] - a| <= w (float32, as the scalar code), l < DYN_L */
 static inline uint32_t dyn_lanes(const float *col, float a, float w) {
 #if defined(__AVX512F__)
@@ -256,6 +267,10 @@ int64_t emb_dyn_components(const void *x, int64_t dt, int64_t c, int64_t v, int6
     const double w = top * (1.0 + 0x1p-20);        /* window: >= any joined pair's column gap */
     float w32 = (float)(top * (1.0 + 0x1p-19));
     w32 = nextafterf(w32 > 0x1p-126f ? w32 : 0x1p-126f, INFINITY);
+    /* Euclidean lanes: a float32 partial sum of squares over the packed columns is within a
+     * relative 2e-6 of the exact one (at most DYN_K terms), so 1e-5 over top^2 keeps every pair */
+    float q32 = (float)(top * top * (1.0 + 1e-5));
+    q32 = nextafterf(q32 > 0x1p-126f ? q32 : 0x1p-126f, INFINITY);
     const int64_t kb = d < kcols ? d : (kcols < DYN_K ? kcols : DYN_K);
     const int64_t ld = v + DYN_L;                  /* packed columns, padded for the last lanes */
     int64_t *rep = malloc((size_t)(v + 1) * sizeof(int64_t));
@@ -301,6 +316,8 @@ int64_t emb_dyn_components(const void *x, int64_t dt, int64_t c, int64_t v, int6
                 for (int64_t r = 0; r < DYN_R; r++) ai[r] = buf + slot[i0 + r < i1 ? i0 + r : i0] * DYN_K;
                 for (int64_t j0 = i0 + 1; j0 < hi; j0 += DYN_L) {
                     uint32_t alive[DYN_R], any = 0;
+                    float acc[DYN_R][DYN_L];                  /* Euclidean: partial sums of squares */
+                    if (metric != 1) memset(acc, 0, sizeof acc);
                     const uint32_t in = hi - j0 >= DYN_L ? 0xFFFFu : ((1u << (hi - j0)) - 1u);
                     for (int64_t r = 0; r < DYN_R; r++) {
                         const int64_t lo = i0 + r + 1 - j0;          /* lanes after row i0 + r */
@@ -311,7 +328,8 @@ int64_t emb_dyn_components(const void *x, int64_t dt, int64_t c, int64_t v, int6
                         const float *col = colm + k * ld + j0;
                         any = 0;
                         for (int64_t r = 0; r < DYN_R; r++) {
-                            alive[r] &= dyn_lanes(col, ai[r][k], w32);
+                            alive[r] &= metric == 1 ? dyn_lanes(col, ai[r][k], w32)
+                                                    : dyn_lanes_sq(col, ai[r][k], acc[r], q32);
                             any |= alive[r];
                         }
                     }
