@@ -16,6 +16,10 @@ of fewer squares), so the pass first runs on the ``prefilter`` columns of larges
 fraction of the work), its candidate pairs (expanded over rows equal on those columns) are
 evaluated on all columns. When the subset is not selective (more than ``max_candidates``
 candidates), the pass is rerun on all columns. The result is the same set of pairs either way.
+
+``dynamics_lib()``: the native library with the signatures of kernels_dynamics.c set (the
+training dynamics' labels, changes / lattice units and components passes, which find the pairs
+within a radius with their own necessary-condition filter; see embdist.dynamics), or None.
 """
 from __future__ import annotations
 
