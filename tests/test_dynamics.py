@@ -385,3 +385,8 @@ def test_native_passes_do_not_depend_on_threads(monkeypatch):
             tr.add(t, h[t])
         runs.append(tr.result())
     _same_dynamics(*runs)
+
+
+def test_float64_history_is_a_clear_error():
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        dynamics.history_dynamics(torch.zeros(2, 3, 4, dtype=torch.float64), [0.1], "chebyshev", device="cpu")

@@ -219,8 +219,10 @@ class Tracker:
         c, v, _ = x.shape
         if c == 0:
             return
+        if x.element_size() not in _UINT:
+            raise ValueError(f"the dynamics need a float32, bfloat16 or float16 history, not {x.dtype}")
         bits = rows.canonical_bits(x)                     # canonical row words (-0.0 -> +0.0)
-        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1) if x.element_size() in _UINT else None
+        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)
         lib = _native_lib() if x.dtype in _DT else None
         if lib is not None:
             labels, changed, differs0, disp = self._native_steps(lib, x, bits, elem)
@@ -267,7 +269,7 @@ class Tracker:
     def _numpy_steps(self, x: torch.Tensor, bits: np.ndarray, elem):
         """The same without the native library (numpy; embdist.rows' labels)."""
         c, v, _ = x.shape
-        if not _finite(x, elem if elem is not None else bits):
+        if not _finite(x, elem):
             raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
         hashes = rows.hash_rows(bits)
         labels = rows.labels_of_bits(bits, hashes=hashes)
