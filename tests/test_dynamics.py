@@ -170,11 +170,11 @@ def test_planted_euclidean_and_steps():
 
 
 def test_large_vocabulary_path_is_the_same(monkeypatch):
-    """Past SMALL_V tokens the components come from the streaming pass (radius_pairs), one step
-    at a time: same numbers as the matrices."""
+    """Without the native passes, past SMALL_V tokens the components come from the streaming pass
+    (radius_pairs), one step at a time: same numbers as the matrices (and the native passes)."""
     h, _ = planted()
     ref = dynamics.history_dynamics(h, [2.0 ** -7, 0.015625], "chebyshev", device="cpu")
-    monkeypatch.setattr(dynamics, "SMALL_V", 0)
+    _numpy_path(monkeypatch, small_v=0)
     tr = dynamics.Tracker([2.0 ** -7, 0.015625], "chebyshev")
     for t in range(len(h)):
         tr.add(t, h[t])
@@ -280,3 +280,113 @@ def test_per_step_labels_survive_hash_collisions(monkeypatch):
     monkeypatch.setattr(rows, "hash_rows", lambda bits: np.zeros(bits.shape[:-1], dtype=np.uint64))
     assert np.array_equal(rows.row_groups(h), want)
     assert np.array_equal(rows.row_groups(h[7]), want[7])
+
+
+# ----------------------------------------------------------------------------- native passes
+def _numpy_path(monkeypatch, small_v=None):
+    monkeypatch.setattr(dynamics, "_native_lib", lambda: None)
+    if small_v is not None:
+        monkeypatch.setattr(dynamics, "SMALL_V", small_v)
+
+
+def _same_dynamics(a, b):
+    for f in ("groups", "distinct", "fissions", "merges", "first_leave", "freeze", "n_changes", "displacement"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
+    assert as_tuples(a.events) == as_tuples(b.events)
+    for thr in a.thresholds:
+        for k in ("count", "largest"):
+            assert np.array_equal(a.components[thr][k], b.components[thr][k]), (thr, k)
+
+
+def _training_like(dtype, t=14, v=300, d=20, seed=3):
+    """Rows converging with noise, a duplicated block, -0.0 rows, frozen halves, near triples."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(v, d, generator=g) * 0.02
+    out = []
+    for s in range(t):
+        w = base + torch.randn(v, d, generator=g) * 0.01 * (s % 3)
+        w[: v // 6] = w[0]
+        w[v // 6: v // 5] = -0.0 if s % 2 else 0.0
+        w[v // 2: v // 2 + 30: 3] = w[v // 2 + 1: v // 2 + 31: 3] + 0.003
+        if s % 4 == 0 and out:
+            w[v // 2:] = out[-1][v // 2:].float()
+        out.append(w.to(dtype))
+    return torch.stack(out)
+
+
+@pytest.mark.skipif(dynamics._native_lib() is None, reason="no native kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("metric", ["chebyshev", "euclidean"])
+def test_native_passes_equal_the_engine_path(monkeypatch, dtype, metric):
+    """The native passes (kernels_dynamics.c) give what the numpy labels and the engine's
+    matrices give: groups, events, per-token, displacement bit for bit, components at thresholds
+    from 0 up to one joining nearly everything; chunks of any size."""
+    h = _training_like(dtype)
+    thr = [0.0, 0.004, 0.02, 0.05] if metric == "chebyshev" else [0.006, 0.03, 0.12]
+    got = dynamics.history_dynamics(h, thr, metric, chunk_steps=5, device="cpu")
+    for s in (2, 3):
+        c, lg = brute_components(h, metric, thr[1], [s])
+        assert got.components[thr[1]]["count"][s] == c[0] and got.components[thr[1]]["largest"][s] == lg[0]
+    _numpy_path(monkeypatch)
+    _same_dynamics(got, dynamics.history_dynamics(h, thr, metric, device="cpu"))
+
+
+@pytest.mark.skipif(dynamics._native_lib() is None, reason="no native kernels")
+def test_native_components_large_vocabulary(monkeypatch):
+    """Thousands of rows (the candidate window and lane filter at work, planted pairs and
+    triples within the threshold among random rows) against the streaming pass's radius pairs."""
+    g = torch.Generator().manual_seed(5)
+    v, d = 6000, 96
+    x = torch.randn(2, v, d, generator=g) * 0.02
+    x[:, 100:400:3] = x[:, 101:401:3] + 0.005       # 100 near pairs
+    x[:, 1000:1300:2] = x[:, 1001:1301:2] - 0.0078125
+    x[1, 3000:3100] = x[1, 2999]                    # a group of identical rows at step 1
+    h = x.to(torch.bfloat16)
+    thr = [0.0078125, 2 * 2.0 ** -7]
+    got = dynamics.history_dynamics(h, thr, "chebyshev", device="cpu")
+    assert got.components[thr[1]]["count"][0] <= got.distinct[0] - 200   # the planted pairs joined
+    _numpy_path(monkeypatch, small_v=0)
+    _same_dynamics(got, dynamics.history_dynamics(h, thr, "chebyshev", device="cpu"))
+
+
+@pytest.mark.skipif(dynamics._native_lib() is None, reason="no native kernels")
+def test_native_labels_survive_hash_collisions(monkeypatch):
+    """Every row hashing alike (embdist.rows' hash replaced): the native label pass verifies the
+    bits and splits, so the groups stay exact."""
+    from embdist import rows
+    rng = np.random.default_rng(2)
+    h = torch.from_numpy(rng.integers(0, 3, (40, 30, 3)).astype(np.float32)).to(torch.bfloat16)
+    h[5, :, 0] = -0.0
+    want = brute_labels(h)
+    monkeypatch.setattr(rows, "hash_rows", lambda bits: np.zeros(bits.shape[:-1], dtype=np.uint64))
+    assert np.array_equal(dynamics.history_dynamics(h, [0.5], "chebyshev", device="cpu").groups, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inf_is_refused(dtype):
+    h = torch.zeros(3, 4, 2, dtype=dtype)
+    h[1, 2, 1] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dynamics.history_dynamics(h, [0.1], "chebyshev", device="cpu")
+
+
+@pytest.mark.skipif(dynamics._native_lib() is None, reason="no native kernels")
+def test_native_passes_do_not_depend_on_threads(monkeypatch):
+    """Pieces of steps (a history chunk) or of tokens (one checkpoint) on worker threads: the same
+    numbers with 1 and 3 threads."""
+    from embdist.pairwise import _cpu
+    h = _training_like(torch.bfloat16, t=9, v=500, d=24, seed=8)
+    runs = []
+    for n in (1, 3):
+        monkeypatch.setattr(_cpu, "n_threads", lambda n=n: n)
+        tr = dynamics.Tracker([0.004, 0.02], "chebyshev")
+        tr.add(range(4), h[:4])
+        for t in range(4, 9):
+            tr.add(t, h[t])
+        runs.append(tr.result())
+    _same_dynamics(*runs)
+
+
+def test_float64_history_is_a_clear_error():
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        dynamics.history_dynamics(torch.zeros(2, 3, 4, dtype=torch.float64), [0.1], "chebyshev", device="cpu")

@@ -20,9 +20,22 @@ Per step t (rows compared bitwise in the stored dtype, -0.0 == +0.0, equal hashe
   never-changed tokens have ``freeze = -1`` and ``n_changes = 0``); ``displacement[t, i]`` the
   move from step t-1 to t in bf16 lattice units.
 * components at each threshold (``metric`` euclidean or chebyshev, pairs with distance <=
-  threshold joined): their number and the largest one's size in tokens, from the engine (the
-  per-step matrices when given or when V is small; ``pairwise._radius.radius_pairs``, the
-  streaming pass's radius machinery, when V is large).
+  threshold joined): their number and the largest one's size in tokens.
+
+How (native kernels, ``pairwise/kernels_dynamics.c``; a chunk of steps per call, no per-step
+Python): the rows' hashes are ``rows.hash_rows`` of ``rows.canonical_bits`` for the whole chunk,
+grouped per step with equal hashes verified bytewise (the rows contract); changes, step-0
+differences, lattice units and the finiteness check are one pass over the bits; the components
+are one pass over the rows: candidate pairs of distinct vectors by a necessary condition (a pair
+within distance r differs by at most r in every column: a sorted window on the column of largest
+spread, then a 16-lane filter on the next columns by spread), every candidate evaluated exactly
+with the engine's arithmetic (Chebyshev: the float32 max |a - b| of the Chebyshev kernel;
+Euclidean: its float64 direct sum) and joined in one union-find per threshold; a pair already
+joined at a threshold is only evaluated against the smaller ones. The pairs joined are those of
+a brute force over all pairs, so no matrix is needed at any V; a step where no row changed
+repeats the step before. Without the native library the same results come from numpy
+(``rows.labels_of_bits``) and the engine: the per-step matrices when given or when V is small,
+``pairwise._radius.radius_pairs`` (the streaming pass's radius machinery) when V is large.
 
 Lattice units (the seeds' dW' = dW / 2^(E-134)): a coordinate's move |x_t - x_{t-1}| divided by
 the bf16 spacing at the **earlier** value x_{t-1}: 2^(E-134) with E its bf16 exponent field
@@ -40,6 +53,7 @@ import numpy as np
 import torch
 
 from embdist import rows
+from embdist._dynamics_native import _DT    # element codes of kernels_dynamics.c
 
 METRICS = ("chebyshev", "euclidean")
 SMALL_V = 4096          # up to this many tokens the components come from per-step matrices
@@ -90,6 +104,13 @@ def lattice_units(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
 
 
 _UINT = {2: np.uint16, 4: np.uint32}
+
+
+def _native_lib():
+    from embdist.pairwise._radius import dynamics_lib
+    return dynamics_lib()
+
+
 _EXP = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
 
 
@@ -184,37 +205,31 @@ class Tracker:
         self.metric, self.device = metric, device
         self.steps, self.labels, self.disp, self.fis, self.mer, self.events = [], [], [], [], [], []
         self.comp = {x: ([], []) for x in self.thresholds}
-        self.first_bits = self.prev_bits = self.prev_labels = self.first_hash = self.prev_hash = None
-        self.first_leave = self.freeze = self.n_changes = None
+        self.first_bits = self.prev_bits = self.prev_labels = self.first_hash = None
+        self.first_leave = self.freeze = self.n_changes = self.prev_comp = None
         self.t = 0
 
     def add(self, steps, x: torch.Tensor, dist: torch.Tensor | None = None) -> None:
         """x: (c, V, D) rows of c consecutive steps in their stored dtype (or (V, D) for one);
-        dist: optional (c, V, V) float32 matrices of ``metric`` for these steps (engine output)."""
+        dist: optional (c, V, V) float32 matrices of ``metric`` for these steps (engine output),
+        used for the components only without the native kernels."""
         if x.ndim == 2:
             x, steps = x[None], [steps]
             dist = None if dist is None else dist[None]
         c, v, _ = x.shape
         if c == 0:
             return
+        if x.element_size() not in _UINT:
+            raise ValueError(f"the dynamics need a float32, bfloat16 or float16 history, not {x.dtype}")
         bits = rows.canonical_bits(x)                     # canonical row words (-0.0 -> +0.0)
-        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)   # canonical bits per value
-        if not _finite(x, elem):
-            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
-        hashes = rows.hash_rows(bits)
-        labels = rows.labels_of_bits(bits, hashes=hashes)
-        if self.first_bits is None:
-            self.first_bits, self.first_hash = bits[0].copy(), hashes[0].copy()
-            self.first_leave = np.full(v, -1, dtype=np.int64)
-            self.freeze = np.full(v, -1, dtype=np.int64)
-            self.n_changes = np.zeros(v, dtype=np.int64)
+        elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)
+        lib = _native_lib() if x.dtype in _DT else None
+        if lib is not None:
+            labels, changed, differs0, disp = self._native_steps(lib, x, bits, elem)
+        else:
+            labels, changed, differs0, disp = self._numpy_steps(x, bits, elem)
         idx = self.t + np.arange(c)
         # first step off the step-0 row, last change
-        differs0 = rows.rows_differ(bits, hashes, self.first_bits[None], self.first_hash[None])
-        changed = np.empty((c, v), dtype=bool)
-        changed[0] = False if self.prev_bits is None else rows.rows_differ(bits[0], hashes[0], self.prev_bits,
-                                                                           self.prev_hash)
-        changed[1:] = rows.rows_differ(bits[1:], hashes[1:], bits[:-1], hashes[:-1])
         for mask, arr, pick in ((differs0, self.first_leave, "first"), (changed, self.freeze, "last")):
             hit = mask.any(axis=0)
             if pick == "first":
@@ -223,14 +238,6 @@ class Tracker:
             else:
                 arr[hit] = idx[c - 1 - mask[::-1].argmax(axis=0)[hit]]
         self.n_changes += changed.sum(axis=0)
-        # displacement in lattice units, chunked to bound the temporaries
-        disp = np.zeros((c, v))                      # unchanged rows: equal bits, 0 units
-        nsteps = max(1, _CHUNK_ELEMS // max(1, v * elem.shape[2]))
-        if self.prev_bits is not None:
-            disp[0] = _units_from_bits(self.prev_bits.view(elem.dtype).reshape(v, -1), elem[0], x.dtype)
-        for s0 in range(1, c, nsteps):               # consecutive steps as views: no gathers
-            s1 = min(c, s0 + nsteps)
-            disp[s0:s1] = _units_from_bits(elem[s0 - 1:s1 - 1], elem[s0:s1], x.dtype)
         # events
         prev_labels = labels[:1] if self.prev_labels is None else self.prev_labels[None]
         before = np.concatenate([prev_labels, labels[:-1]])
@@ -240,17 +247,55 @@ class Tracker:
             fis[s] = sum(e.kind == "fission" for e in ev)
             mer[s] = len(ev) - fis[s]
             self.events.extend(ev)
-        self._components(x, labels, dist)
+        self._components(x, labels, dist, changed)
         self.steps.extend(int(s) for s in steps)
         self.labels.append(labels.astype(np.int32))
         self.disp.append(disp)
         self.fis.append(fis), self.mer.append(mer)
-        self.prev_bits, self.prev_labels, self.prev_hash = bits[-1].copy(), labels[-1].copy(), hashes[-1].copy()
+        self.prev_bits, self.prev_labels = bits[-1].copy(), labels[-1].copy()
         self.t += c
 
-    def _components(self, x: torch.Tensor, labels: np.ndarray, dist) -> None:
+    def _start(self, bits: np.ndarray, v: int) -> None:
+        if self.first_bits is None:
+            self.first_bits = bits[0].copy()
+            self.first_leave = np.full(v, -1, dtype=np.int64)
+            self.freeze = np.full(v, -1, dtype=np.int64)
+            self.n_changes = np.zeros(v, dtype=np.int64)
+
+    def _native_steps(self, lib, x: torch.Tensor, bits: np.ndarray, elem: np.ndarray):
+        from embdist import _dynamics_native
+        return _dynamics_native.steps(self, lib, x, bits, elem)
+
+    def _numpy_steps(self, x: torch.Tensor, bits: np.ndarray, elem):
+        """The same without the native library (numpy; embdist.rows' labels)."""
+        c, v, _ = x.shape
+        if not _finite(x, elem):
+            raise ValueError("the history holds NaN or Inf values; the dynamics need finite rows")
+        hashes = rows.hash_rows(bits)
+        labels = rows.labels_of_bits(bits, hashes=hashes)
+        self._start(bits, v)
+        if self.first_hash is None:
+            self.first_hash = rows.hash_rows(self.first_bits)
+        differs0 = rows.rows_differ(bits, hashes, self.first_bits[None], self.first_hash[None])
+        changed = np.empty((c, v), dtype=bool)
+        changed[0] = False if self.prev_bits is None else rows.rows_differ(
+            bits[0], hashes[0], self.prev_bits, rows.hash_rows(self.prev_bits))
+        changed[1:] = rows.rows_differ(bits[1:], hashes[1:], bits[:-1], hashes[:-1])
+        disp = np.zeros((c, v))                      # unchanged rows: equal bits, 0 units
+        nsteps = max(1, _CHUNK_ELEMS // max(1, v * elem.shape[2]))
+        if self.prev_bits is not None:
+            disp[0] = _units_from_bits(self.prev_bits.view(elem.dtype).reshape(v, -1), elem[0], x.dtype)
+        for s0 in range(1, c, nsteps):               # consecutive steps as views: no gathers
+            s1 = min(c, s0 + nsteps)
+            disp[s0:s1] = _units_from_bits(elem[s0 - 1:s1 - 1], elem[s0:s1], x.dtype)
+        return labels, changed, differs0, disp
+
+    def _components(self, x: torch.Tensor, labels: np.ndarray, dist, changed: np.ndarray | None = None) -> None:
         if not self.thresholds:
             return
+        lib = _native_lib() if x.dtype in _DT else None
+        if lib is not None:
+            return self._native_components(lib, x, labels, changed)
         c, v, _ = x.shape
         top = self.thresholds[-1]
         isrep = labels == np.arange(v)
@@ -296,6 +341,10 @@ class Tracker:
             count, largest = _components(c, v, labels, t[k], a[k], b[k])
             self.comp[thr][0].append(count), self.comp[thr][1].append(largest)
 
+    def _native_components(self, lib, x: torch.Tensor, labels: np.ndarray, changed) -> None:
+        from embdist import _dynamics_native
+        _dynamics_native.components(self, lib, x, labels, changed)
+
     def result(self) -> Dynamics:
         if not self.labels:
             raise ValueError("no steps were given")
@@ -319,7 +368,10 @@ def history_dynamics(history: torch.Tensor, thresholds=(2 * 2.0 ** -7,), metric:
     t, v, d = history.shape
     steps = np.arange(t) if steps is None else np.asarray(steps)
     if chunk_steps is None:
-        chunk_steps = max(1, min(_CHUNK_ELEMS // max(1, v * d), _CHUNK_ELEMS // max(1, v * v)))
+        if history.dtype in _DT and _native_lib() is not None:    # no matrices: chunks of ~16M values
+            chunk_steps = max(1, 4 * _CHUNK_ELEMS // max(1, v * d))
+        else:
+            chunk_steps = max(1, min(_CHUNK_ELEMS // max(1, v * d), _CHUNK_ELEMS // max(1, v * v)))
     tr = Tracker(thresholds, metric, device)
     for s in range(0, t, chunk_steps):
         e = min(t, s + chunk_steps)

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SRC = HERE / "kernels.c"
-SOURCES = ("kernels.c", "kernels_stream.c", "simd_avx512.h", "simd_avx2.h", "simd_neon.h", "simd_portable.h")
+SOURCES = ("kernels.c", "kernels_stream.c", "kernels_dynamics.c", "simd_avx512.h", "simd_avx2.h", "simd_neon.h", "simd_portable.h")
 ABI = 9                                  # bump when the C signatures change
 TIERS = ("avx512", "avx2", "neon", "portable")          # best first
 CHOICES = ("auto",) + TIERS + ("torch",)

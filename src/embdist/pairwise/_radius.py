@@ -16,9 +16,14 @@ of fewer squares), so the pass first runs on the ``prefilter`` columns of larges
 fraction of the work), its candidate pairs (expanded over rows equal on those columns) are
 evaluated on all columns. When the subset is not selective (more than ``max_candidates``
 candidates), the pass is rerun on all columns. The result is the same set of pairs either way.
+
+``dynamics_lib()``: the native library with the signatures of kernels_dynamics.c set (the
+training dynamics' labels, changes / lattice units and components passes, which find the pairs
+within a radius with their own necessary-condition filter; see embdist.dynamics), or None.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +35,9 @@ from .stream import STREAM_METRICS, stream_pass
 from .stream._bindings import _check_x, _lib
 from .stream._stats import exact_pairs
 
-__all__ = ["radius_pairs", "RadiusPairs", "exact_distances"]
+__all__ = ["radius_pairs", "RadiusPairs", "exact_distances", "dynamics_lib"]
 
+_VP = ctypes.c_void_p
 _SLACK = 1e-9          # the candidate pass uses a slightly larger radius; the exact check decides
 
 
@@ -119,3 +125,27 @@ def exact_distances(x: torch.Tensor, metric: str, a, b) -> np.ndarray:
     x = _check_x(x)
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     return np.sqrt(exact_pairs(_lib(), x, 0 if metric == "euclidean" else 1, a, b))
+
+
+# ----------------------------------------------------------------------------- dynamics passes
+_I64 = ctypes.c_int64
+_DYN_SIGS = {   # kernels_dynamics.c
+    "emb_dyn_labels": ([_VP, _I64, _I64, _I64, _VP, _VP], None),
+    "emb_dyn_steps": ([_VP, _VP, _VP, _I64, _I64, _I64, _I64, _VP, _VP, _VP], _I64),
+    "emb_dyn_components": ([_VP, _I64, _I64, _I64, _I64, _VP, _I64, _VP, _I64, _VP, _I64, _VP, _VP], _I64),
+}
+
+
+def dynamics_lib():
+    """The native library with the dynamics passes' signatures set, or None (no C compiler or
+    kernels=torch: embdist.dynamics then runs its numpy / engine path)."""
+    from . import _native
+    lib = _native.load()
+    if lib is None or not hasattr(lib, "emb_dyn_components"):
+        return None
+    if not getattr(lib, "_embdist_dynamics", False):
+        for name, (args, res) in _DYN_SIGS.items():
+            f = getattr(lib, name)
+            f.argtypes, f.restype = args, res
+        lib._embdist_dynamics = True
+    return lib

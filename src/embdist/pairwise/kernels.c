@@ -1153,3 +1153,4 @@ void emb_hist_upper(const float *d, int64_t n, int64_t ld, int64_t r0, int64_t r
 
 
 #include "kernels_stream.c"
+#include "kernels_dynamics.c"
