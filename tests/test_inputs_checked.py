@@ -314,3 +314,20 @@ def test_staging_commits_last_and_discards_on_failure(tmp_path):
     (s2.dir / "c.csv").write_text("3")
     s2.discard()
     assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_streaming_without_native_kernels_is_the_users_error_with_the_fix():
+    """kernels=torch (or no C compiler): task=vocab and the large-vocabulary dynamics cannot
+    stream; one line naming the cause and the fix, not an internal error."""
+    from embdist.pairwise import _native
+    from embdist.pairwise.stream import _bindings
+
+    before = _native.active_kernels()
+    try:
+        _native.use_kernels("torch")
+        with pytest.raises(InputError, match=r"needs the native CPU kernels: kernels=torch .*; install a C "
+                                             r"compiler \(cc\) or choose task.kernels=auto$"):
+            _bindings._lib()
+    finally:
+        _native.use_kernels("auto")
+    assert _native.active_kernels() == before

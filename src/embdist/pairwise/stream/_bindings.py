@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import torch
 
+from embdist.errors import InputError
+
 from .. import _common as C
 from .. import _native
 
@@ -45,11 +47,13 @@ _lib_lock = threading.Lock()
 
 
 def _lib():
-    """The native library with the stream signatures set; RuntimeError if it cannot be built."""
+    """The native library with the stream signatures set; InputError (the user's to fix: a C
+    compiler, or a kernel tier other than torch) if it cannot be built."""
     lib = _native.load()
     if lib is None:
-        raise RuntimeError("whole-matrix streaming needs the native CPU kernels (a C compiler): "
-                           f"{_native.load_error()}")
+        raise InputError("whole-matrix streaming (task=vocab, and the dynamics' components of a large "
+                         f"vocabulary) needs the native CPU kernels: {_native.load_error()}; install a C "
+                         "compiler (cc) or choose task.kernels=auto")
     with _lib_lock:
         if not getattr(lib, "_embdist_stream", False):
             for name, args in _SIGS.items():
