@@ -39,7 +39,7 @@ def validate(shape, h) -> None:
     if (v, d) != expected:
         raise sources.InputError(
             f"history has (vocab, dim) = {(v, d)} but the config expects {expected}; "
-            "set history.vocab_size / history.hidden_dim (or null to accept any)"
+            "set history.vocab_size / history.hidden_dim (or null to accept any; history=custom expects nothing)"
         )
 
 
