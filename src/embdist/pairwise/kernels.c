@@ -27,7 +27,9 @@
  *
  * Arithmetic contract (identical on every tier unless said otherwise):
  *  - gram:  per GBLK = 32 products two float32 chains of 16 multiply-adds from zero (k0..k0+15
- *           and k0+16..k0+31), added in float32, then added to a float64 accumulator.  A chain
+ *           and k0+16..k0+31), added in float32, then added to a float64 accumulator (the
+ *           widening conversion and add spelled per ISA by VACC_F64 where the tier has it: the
+ *           same values).  A chain
  *           errs by <= gamma_16 sum|a_k b_k| whether a step is one fused multiply-add (avx512,
  *           avx2, neon: 16 roundings per term at most) or a rounded multiply and a rounded add
  *           (portable: the product's rounding plus at most 15 additions, the first addition to
@@ -52,8 +54,11 @@
 #define EMB_ABI 9
 #define PW 32      /* panel width: rows per packed panel (and columns per panel tile) */
 #define FLUSH 16   /* fp32 terms per float64 flush in the l1 / snapshot kernels */
-#define GBLK 32    /* gram: products per float64 flush, as two 16-term chains (bound: gamma_17) */
 #define GCH 16     /* gram: multiply-adds per float32 chain */
+#ifndef GNCH
+#define GNCH 2     /* gram: chains per float64 flush (4: no faster on avx2, slower on avx512) */
+#endif
+#define GBLK (GCH * GNCH)   /* gram: products per float64 flush (bound: gamma_(GCH + GNCH - 1)) */
 
 /* ------------------------------------------------------------------ tier selection */
 #define EMB_T_PORTABLE 0
@@ -119,6 +124,9 @@ EMB_INLINE vf vzero(void) { return vset1(0.0f); }
 typedef float vfh __attribute__((vector_size(VW * 2)));   /* VW/2 float32 lanes */
 typedef double vdh __attribute__((vector_size(VW * 4)));  /* VW/2 float64 lanes: one register */
 EMB_INLINE void vacc_f64(double *p, vf v) {
+#ifdef VACC_F64
+    VACC_F64(p, v);
+#else
     vfh h[2];
     memcpy(h, &v, sizeof v);
     for (int q = 0; q < 2; q++) {
@@ -127,6 +135,7 @@ EMB_INLINE void vacc_f64(double *p, vf v) {
         c += __builtin_convertvector(h[q], vdh);
         memcpy(p + q * (VW / 2), &c, sizeof c);
     }
+#endif
 }
 
 /* acc + t*t rounded once (the snapshots' square-accumulate, the same bits on every tier):
@@ -335,15 +344,20 @@ EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNV], con
 }
 
 /* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < GNC; kc % GBLK == 0.
- * Per GBLK products: two chains of GCH (the first is parked while the second runs), summed in
- * float32, the sum added to the float64 tile: |fl(block) - block| <= gamma_17 sum|a_k b_k|. */
+ * Per GBLK products: GNCH chains of GCH, each from zero, added one by one in float32 to the
+ * block's partial s (parked while the next chain runs), and s added to the float64 tile once:
+ * |fl(block) - block| <= gamma_(GCH + GNCH - 1) sum|a_k b_k| (see the header). */
 EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R) {
     for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
-        vf c0[GMR][GNV], c1[GMR][GNV];
-        gram_chain(a + k0 * PW, b + k0 * PW, c0, R);
-        gram_chain(a + (k0 + GCH) * PW, b + (k0 + GCH) * PW, c1, R);
+        vf s[GMR][GNV], c[GMR][GNV];
+        gram_chain(a + k0 * PW, b + k0 * PW, s, R);
+        for (int q = 1; q < GNCH; q++) {
+            gram_chain(a + (k0 + q * GCH) * PW, b + (k0 + q * GCH) * PW, c, R);
+            for (int r = 0; r < R; r++)
+                for (int v = 0; v < GNV; v++) s[r][v] = s[r][v] + c[r][v];
+        }
         for (int r = 0; r < R; r++)
-            for (int v = 0; v < GNV; v++) vacc_f64(C + r * ldc + v * VW, c0[r][v] + c1[r][v]);
+            for (int v = 0; v < GNV; v++) vacc_f64(C + r * ldc + v * VW, s[r][v]);
     }
 }
 /* GMR rows, and the PW % GMR rows left at the end of a panel (GMR need not divide PW) */

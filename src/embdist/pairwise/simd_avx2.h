@@ -19,3 +19,8 @@ typedef __m256 vf;
 #define VMAC(acc, a, b) _mm256_fmadd_ps(a, b, acc)
 #define VABS(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)
 #define VABSMAX(m, x) _mm256_max_ps(m, VABS(x))
+/* p[0..8) += (double)v: two widening conversions (the generic vector-extension code splits them) */
+#define VACC_F64(p, v) do { \
+        _mm256_storeu_pd((p), _mm256_add_pd(_mm256_loadu_pd(p), _mm256_cvtps_pd(_mm256_castps256_ps128(v)))); \
+        _mm256_storeu_pd((p) + 4, _mm256_add_pd(_mm256_loadu_pd((p) + 4), _mm256_cvtps_pd(_mm256_extractf128_ps((v), 1)))); \
+    } while (0)
