@@ -571,19 +571,22 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
     return flagged;
 }
 
+/* row i of a block whose columns end at cend: 0 when i is past the matrix; else the diagonal
+ * zeroed when the block holds it, *js = the block's first column j > i, and 1 */
+EMB_INLINE int block_row(int64_t i, int64_t n, int64_t c0, int64_t cend, float *out, int64_t ld, int64_t *js) {
+    if (i >= n) return 0;
+    if (i >= c0 && i < cend) out[i * ld + i] = 0.0f;
+    *js = i + 1 > c0 ? i + 1 : c0;
+    return 1;
+}
+
 void emb_cheb_block(const float *packed, int64_t dp, int64_t n, float *C, int64_t r0, int64_t nrp,
                     int64_t c0, int64_t ncp, float *out, int64_t ld) {
     const int64_t ldc = ncp * PW;
     cheb_block(packed, dp, r0, nrp, c0, ncp, C);
     const int64_t cend = c0 + ncp * PW < n ? c0 + ncp * PW : n;
-    for (int64_t r = 0; r < nrp * PW; r++) {
-        const int64_t i = r0 + r;
-        if (i >= n) break;
-        if (i >= c0 && i < cend) out[i * ld + i] = 0.0f;
-        const float *Crow = C + r * ldc - c0;
-        const int64_t js = i + 1 > c0 ? i + 1 : c0;
-        if (js < cend) memcpy(out + i * ld + js, Crow + js, sizeof(float) * (size_t)(cend - js));
-    }
+    for (int64_t r = 0, js; r < nrp * PW && block_row(r0 + r, n, c0, cend, out, ld, &js); r++)
+        if (js < cend) memcpy(out + (r0 + r) * ld + js, C + r * ldc - c0 + js, sizeof(float) * (size_t)(cend - js));
     mirror_block(C, ldc, r0, nrp * PW, c0, ncp * PW, n, out, ld);
 }
 
@@ -593,13 +596,11 @@ void emb_l1_block(const float *packed, int64_t dp, int64_t n, double *C, int64_t
     float *R = (float *)(C + nrp * PW * ldc);
     l1_block(packed, dp, r0, nrp, c0, ncp, C);
     const int64_t cend = c0 + ncp * PW < n ? c0 + ncp * PW : n;
-    for (int64_t r = 0; r < nrp * PW; r++) {
+    for (int64_t r = 0, js; r < nrp * PW && block_row(r0 + r, n, c0, cend, out, ld, &js); r++) {
         const int64_t i = r0 + r;
-        if (i >= n) break;
-        if (i >= c0 && i < cend) out[i * ld + i] = 0.0f;
         const double *Crow = C + r * ldc - c0;
         float *Rrow = R + r * ldc - c0;
-        for (int64_t j = (i + 1 > c0 ? i + 1 : c0); j < cend; j++) {
+        for (int64_t j = js; j < cend; j++) {
             float v = (float)Crow[j];
             if (v == 0.0f && Crow[j] != 0.0) v = F32_TINY;
             out[i * ld + j] = v;
