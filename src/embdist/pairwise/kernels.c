@@ -92,6 +92,13 @@
 #endif
 
 #define GNC (GNV * VW)   /* gram: columns per tile */
+#ifndef GREM_NV
+#define GREM_NV GNV      /* gram: vectors per row of the tile of the PW % GMR rows left in a panel */
+#endif
+#define GNVMAX (GNV > GREM_NV ? GNV : GREM_NV)
+#if PW % (GREM_NV * VW) || (GREM_NV * VW) % GNC
+#error "the remainder tile must cover whole gram tiles"
+#endif
 #define CNC (CNV * VW)   /* chebyshev / manhattan: columns per tile */
 #if PW % GNC || PW % CMR || PW % CNC || 16 % VW || 16 % SNR
 #error "tile shapes must divide the panel width"
@@ -337,35 +344,36 @@ static double memo_sq(memo_t *tab, const void *x, int dt, int64_t d, int64_t n, 
 
 /* one float32 chain: c[r][v] = sum of GCH products a[k*PW + r] * b[k*PW + v*VW + lane], from
  * zero, for the R (<= GMR) rows of the tile */
-EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNV], const int R) {
+EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNVMAX], const int R, const int NV) {
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < GNV; v++) c[r][v] = vzero();
-    TILE_STEPS(16, GCH, R, GNV, ak, bk, c[r][v] = vmac(c[r][v], s, bv[v]))
+        for (int v = 0; v < NV; v++) c[r][v] = vzero();
+    TILE_STEPS(16, GCH, R, NV, ak, bk, c[r][v] = vmac(c[r][v], s, bv[v]))
 }
 
-/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < GNC; kc % GBLK == 0.
+/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < NV * VW; kc % GBLK == 0.
  * Per GBLK products: GNCH chains of GCH, each from zero, added one by one in float32 to the
  * block's partial s (parked while the next chain runs), and s added to the float64 tile once:
  * |fl(block) - block| <= gamma_(GCH + GNCH - 1) sum|a_k b_k| (see the header). */
-EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R) {
+EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R,
+                            const int NV) {
     for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
-        vf s[GMR][GNV], c[GMR][GNV];
-        gram_chain(a + k0 * PW, b + k0 * PW, s, R);
+        vf s[GMR][GNVMAX], c[GMR][GNVMAX];
+        gram_chain(a + k0 * PW, b + k0 * PW, s, R, NV);
         for (int q = 1; q < GNCH; q++) {
-            gram_chain(a + (k0 + q * GCH) * PW, b + (k0 + q * GCH) * PW, c, R);
+            gram_chain(a + (k0 + q * GCH) * PW, b + (k0 + q * GCH) * PW, c, R, NV);
             for (int r = 0; r < R; r++)
-                for (int v = 0; v < GNV; v++) s[r][v] = s[r][v] + c[r][v];
+                for (int v = 0; v < NV; v++) s[r][v] = s[r][v] + c[r][v];
         }
         for (int r = 0; r < R; r++)
-            for (int v = 0; v < GNV; v++) vacc_f64(C + r * ldc + v * VW, s[r][v]);
+            for (int v = 0; v < NV; v++) vacc_f64(C + r * ldc + v * VW, s[r][v]);
     }
 }
 /* GMR rows, and the PW % GMR rows left at the end of a panel (GMR need not divide PW) */
 static __attribute__((noinline)) void gram_tile(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    gram_tile_r(a, b, kc, C, ldc, GMR);
+    gram_tile_r(a, b, kc, C, ldc, GMR, GNV);
 }
 static __attribute__((noinline)) void gram_tile_rem(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    gram_tile_r(a, b, kc, C, ldc, PW % GMR ? PW % GMR : GMR);
+    gram_tile_r(a, b, kc, C, ldc, PW % GMR ? PW % GMR : GMR, GREM_NV);
 }
 
 /* C[r][c] (float32, ldc) = max(C, max_k |b[k*PW+c] - a[k*PW+r]|) */
@@ -413,7 +421,9 @@ EMB_INLINE void tiles(const int kind, const float *packed, int64_t dp, int64_t r
                     const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
                     for (int s = 0; s < PW; s += mr) {
                         const int64_t off = (rp * PW + s) * ldc + cp * PW + cs;
-                        if (kind == K_GRAM && s + GMR > PW) gram_tile_rem(a + s, b, kc, (double *)C + off, ldc);
+                        if (kind == K_GRAM && s + GMR > PW) {   /* GREM_NV * VW columns from cs */
+                            if (cs % (GREM_NV * VW) == 0) gram_tile_rem(a + s, b, kc, (double *)C + off, ldc);
+                        }
                         else if (kind == K_GRAM) gram_tile(a + s, b, kc, (double *)C + off, ldc);
                         else if (kind == K_CHEB) cheb_tile(a + s, b, kc, (float *)C + off, ldc);
                         else l1_tile(a + s, b, kc, (double *)C + off, ldc);

@@ -1,7 +1,7 @@
 /* Tier avx2 (x86-64 with AVX2 + FMA: AMD Zen 1-5, Intel Haswell and later desktop chips):
  * the per-ISA part of kernels.c.  16 registers of 8 float32: gram tiles 6 x 16 (12 live
  * accumulators; the first chain of a block parked in L1 by the register allocator; 6 does not
- * divide the panel, its last 2 rows are a tile of their own), Chebyshev / Manhattan tiles
+ * divide the panel, its last 2 rows are a 2 x 32 tile of their own), Chebyshev / Manhattan tiles
  * 4 x 16, snapshot tiles 2 x 16. */
 #include <immintrin.h>
 #define EMB_TIER_NAME "avx2"
@@ -11,6 +11,9 @@ typedef __m256 vf;
 #define GMR 6
 #endif
 #define GNV 2
+#ifndef GREM_NV
+#define GREM_NV 4  /* the 2 rows left in a panel: one 2 x 32 tile (8 accumulators, not 2 x 4) */
+#endif
 #define CMR 4
 #define CNV 2
 #define SNR 2
