@@ -225,10 +225,15 @@ def row_euclid(rows, n, d, dev, quick):
     return dict(base, euclid_cdist_zero_pairs=cd_zeros, euclid_median=st["median"], euclid_mean=st["mean"])
 
 
+def _kernels() -> str:
+    """The kernel tier in use ('native' for an engine older than the tiers: old-vs-new runs)."""
+    return P.active_kernels() if hasattr(P, "active_kernels") else "native"
+
+
 def euclid_target(dev):
     """The Euclidean row's target (text, limit on ours / X@X.T) for the tier in use: issue 11's
     per tier (against the tier-matched X@X.T, see the docstring), else the engine's own brief."""
-    tier = P.active_kernels() if dev.type == "cpu" else None
+    tier = _kernels() if dev.type == "cpu" else None
     if tier == "avx2":
         return "<= 0.7 (issue 11)", 0.7
     if tier == "portable":
@@ -443,7 +448,7 @@ def main():
     params = {"quick": a.quick, "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
               "native": _native.load() is not None, "native_error": str(_native.load_error()),
-              "kernels": P.active_kernels(), "mkl_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "auto"),
+              "kernels": _kernels(), "mkl_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "auto"),
               "load_avg_start": " ".join(f"{v:.2f}" for v in os.getloadavg()), **sizes}
     if torch.cuda.is_available():
         params["cuda_device"] = torch.cuda.get_device_name(0)

@@ -9,7 +9,8 @@
  * Mechanism: GCC/Clang vector extensions plus a handful of per-ISA intrinsics behind one
  * small interface (the simd_<tier>.h headers, about 20 lines each: the vector type vf of VW
  * float32 lanes, VSET1, VMAC = multiply-add, VABS, VABSMAX = max(m, |x|), whether the tier has
- * FMA, and the tile shapes), in the way SimSIMD arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
+ * FMA, the tile shapes, and optionally VACC_F64, the float64 widening add of the gram flush, which
+ * the generic vector-extension code compiles poorly), in the way SimSIMD arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
  * constants, row hashing, packing, column sums, the direct float64 sums, the micro-kernels
  * themselves (written once over vf with the ordinary + - * operators, which GCC and Clang
  * accept on __m512 / __m256 / float32x4_t / vector_size types alike), the block drivers and
