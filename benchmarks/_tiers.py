@@ -1,14 +1,27 @@
 """--tiers for the benchmarks: run the benchmark once per kernel tier, each in its own process
-(EMBDIST_KERNELS=<tier>), so every row is measured per tier in the same invocation."""
+(EMBDIST_KERNELS=<tier>), so every row is measured per tier in the same invocation.
+
+Tier-matched baselines (the default): MKL picks its own ISA at import (AVX-512 on an AVX-512
+CPU), so on this machine torch's X @ X.T is about 2x what an AVX2 machine measures.  Each tier's
+child therefore runs with MKL_ENABLE_INSTRUCTIONS set to that tier's ISA (avx512: MKL's native
+choice; avx2: AVX2; portable, built for x86-64-v2: SSE4_2), i.e. the X @ X.T a machine of that
+tier would run; the variable must be set before torch is imported, hence one process per setting.
+``native_matmul_s`` times X @ X.T with MKL unrestricted in a process of its own, for the ratios
+against the native MKL printed beside the targets (for information).  ``--native-blas`` turns
+the restriction off (every child then measures the native MKL)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
-# MKL picks its own ISA (AVX-512 on an AVX-512 CPU): with --blas-like-tier the torch baselines of
-# a tier run MKL limited to that tier's ISA, i.e. what the tier's machines would measure.
-MKL_ISA = {"avx512": "AVX512", "avx2": "AVX2", "portable": "SSE4_2"}
+# MKL's ISA per tier (None: MKL's own choice, the native one)
+MKL_ISA = {"avx512": None, "avx2": "AVX2", "portable": "SSE4_2"}
+
+
+def mkl_label(isa: str | None) -> str:
+    return isa or "native"
 
 
 def resolve(spec: str) -> list[str]:
@@ -35,16 +48,50 @@ def strip_arg(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def run_children(script: str, argv: list[str], tiers: list[str], extra, blas_like_tier: bool):
-    """Yield (tier, CompletedProcess) for ``script argv extra(tier)`` run once per tier."""
+def child_env(tier: str, matched: bool) -> tuple[dict, str | None]:
+    """The environment of a tier's child and the MKL ISA it is limited to (None: native)."""
+    env = dict(os.environ, EMBDIST_KERNELS=tier)
+    env.pop("MKL_ENABLE_INSTRUCTIONS", None)
+    isa = MKL_ISA.get(tier) if matched else None
+    if isa:
+        env["MKL_ENABLE_INSTRUCTIONS"] = isa
+    return env, isa
+
+
+def run_children(script: str, argv: list[str], tiers: list[str], extra, matched: bool = True):
+    """Yield (tier, CompletedProcess) for ``script argv extra(tier)`` run once per tier, MKL limited
+    to the tier's ISA when ``matched``."""
     for t in tiers:
-        env = dict(os.environ, EMBDIST_KERNELS=t)
-        if blas_like_tier and t in MKL_ISA:
-            env["MKL_ENABLE_INSTRUCTIONS"] = MKL_ISA[t]
-        print(f"=== tier {t}" + (f" (MKL limited to {MKL_ISA[t]})" if blas_like_tier and t in MKL_ISA else ""),
-              flush=True)
+        env, isa = child_env(t, matched)
+        print(f"=== tier {t} (baselines: MKL {mkl_label(isa)})", flush=True)
         p = subprocess.run([sys.executable, script, *argv, *extra(t)], env=env, text=True, capture_output=True)
         sys.stdout.write(p.stdout)
         if p.returncode != 0:
             sys.stdout.write(p.stderr[-3000:])
         yield t, p
+
+
+_MM_CHILD = """
+import json, sys, time, torch
+n, d, rep = {n}, {d}, {rep}
+x = torch.randn(n, d, generator=torch.Generator().manual_seed(0)) * 0.02
+x @ x[:256].T
+best = 1e9
+for _ in range(rep):
+    t0 = time.perf_counter(); x @ x.T; best = min(best, time.perf_counter() - t0)
+print(json.dumps({{"s": best}}))
+"""
+
+
+def native_matmul_s(n: int, d: int, isa: str | None = None, repeat: int = 2) -> float | None:
+    """Best wall seconds of one float32 X @ X.T (n x d) in a fresh process with MKL limited to
+    ``isa`` (None: native), or None if that process failed."""
+    env = dict(os.environ)
+    env.pop("MKL_ENABLE_INSTRUCTIONS", None)
+    if isa:
+        env["MKL_ENABLE_INSTRUCTIONS"] = isa
+    p = subprocess.run([sys.executable, "-c", _MM_CHILD.format(n=n, d=d, rep=repeat)], env=env, text=True,
+                       capture_output=True)
+    if p.returncode != 0:
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])["s"]

@@ -203,3 +203,27 @@ def test_tiers_build_and_pass_with_gcc_and_clang(cc, tmp_path, monkeypatch):
         c = P.pairwise(x, "chebyshev", device="cpu")
         assert cheb is None or torch.equal(c, cheb), (cc, t)
         cheb = c
+
+
+def test_row_hash_and_nan_rows_match_their_reference_formulas():
+    """rows.hash_rows (one np.dot pass) equals the elementwise sum of words x weights mod 2^64,
+    and rows._nan_rows (row sums name candidates) equals isnan().any(-1), on every float dtype."""
+    import numpy as np
+    import torch
+    from embdist import rows
+    rng = np.random.default_rng(1)
+    for shape, dt in [((100, 64), np.uint64), ((7, 5, 33), np.uint32), ((50, 3), np.uint16), ((9, 1), np.uint8)]:
+        b = rng.integers(0, np.iinfo(dt).max, size=shape, dtype=dt, endpoint=True)
+        w = (np.random.default_rng(rows._SEED).integers(1, 2**63 - 1, size=shape[-1], dtype=np.uint64)
+             * np.uint64(2) + np.uint64(1))
+        with np.errstate(over="ignore"):
+            ref = (b.astype(np.uint64) * w).sum(axis=-1, dtype=np.uint64)
+        assert np.array_equal(rows.hash_rows(b), ref)
+    g = torch.Generator().manual_seed(0)
+    for shape in [(100, 7), (4, 30, 5), (1, 1), (300, 50)]:
+        for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            x = torch.randn(*shape, generator=g).to(dt)
+            f = x.reshape(-1)
+            for v in (float("nan"), float("inf"), -float("inf")):
+                f[torch.randint(0, f.numel(), (3,), generator=g)] = v
+            assert np.array_equal(rows._nan_rows(x), x.isnan().reshape(shape[:-1] + (-1,)).any(-1).numpy())

@@ -68,7 +68,9 @@ def hash_rows(bits: np.ndarray) -> np.ndarray:
     step = max(1, _CHUNK_WORDS // k)
     with np.errstate(over="ignore"):
         for s in range(0, flat.shape[0], step):
-            h[s:s + step] = (flat[s:s + step].astype(np.uint64, copy=False) * w).sum(axis=1, dtype=np.uint64)
+            # one pass of unsigned 64-bit multiply-adds (wrapping mod 2^64, so the order of the
+            # sum does not matter): the same values as (words * w).sum(axis=1), no temporary
+            h[s:s + step] = np.dot(flat[s:s + step].astype(np.uint64, copy=False), w)
     return h.reshape(lead)
 
 
@@ -151,9 +153,28 @@ def rows_differ(bits: np.ndarray, hashes: np.ndarray, ref_bits: np.ndarray, ref_
 
 
 def _nan_rows(x) -> np.ndarray | None:
+    """Which rows hold a NaN (None for non-float input).  Tensors: a row's float32 sum is NaN when
+    the row holds a NaN (and possibly when +inf and -inf meet), so the sums (one fast pass, in
+    chunks of rows) name the candidates and only those rows are checked with isnan."""
     a = x.detach().cpu() if hasattr(x, "detach") else np.asarray(x)
     if hasattr(a, "is_floating_point"):
-        return a.isnan().reshape(a.shape[:-1] + (-1,)).any(-1).numpy() if a.is_floating_point() else None
+        if not a.is_floating_point():
+            return None
+        if a.dim() == 0 or a.numel() == 0:
+            return a.isnan().reshape(a.shape[:-1] + (-1,)).any(-1).numpy()      # as before: no rows to sum
+        import torch
+        flat = a.reshape(-1, a.shape[-1])
+        cand = torch.zeros(flat.shape[0], dtype=torch.bool)
+        step = max(1, _CHUNK_WORDS // max(1, flat.shape[1]))
+        for s in range(0, flat.shape[0], step):
+            blk = flat[s:s + step]
+            if blk.dtype not in (torch.float32, torch.float64):
+                blk = blk.float()
+            cand[s:s + step] = blk.sum(-1).isnan()
+        idx = torch.nonzero(cand).reshape(-1)
+        if len(idx):
+            cand[idx] = flat[idx].isnan().any(-1)
+        return cand.reshape(a.shape[:-1]).numpy()
     return np.isnan(a).any(-1) if a.dtype.kind == "f" else None
 
 

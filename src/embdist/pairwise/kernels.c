@@ -9,7 +9,8 @@
  * Mechanism: GCC/Clang vector extensions plus a handful of per-ISA intrinsics behind one
  * small interface (the simd_<tier>.h headers, about 20 lines each: the vector type vf of VW
  * float32 lanes, VSET1, VMAC = multiply-add, VABS, VABSMAX = max(m, |x|), whether the tier has
- * FMA, and the tile shapes), in the way SimSIMD arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
+ * FMA, the tile shapes, and optionally VACC_F64, the float64 widening add of the gram flush, which
+ * the generic vector-extension code compiles poorly), in the way SimSIMD arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
  * constants, row hashing, packing, column sums, the direct float64 sums, the micro-kernels
  * themselves (written once over vf with the ordinary + - * operators, which GCC and Clang
  * accept on __m512 / __m256 / float32x4_t / vector_size types alike), the block drivers and
@@ -27,7 +28,9 @@
  *
  * Arithmetic contract (identical on every tier unless said otherwise):
  *  - gram:  per GBLK = 32 products two float32 chains of 16 multiply-adds from zero (k0..k0+15
- *           and k0+16..k0+31), added in float32, then added to a float64 accumulator.  A chain
+ *           and k0+16..k0+31), added in float32, then added to a float64 accumulator (the
+ *           widening conversion and add spelled per ISA by VACC_F64 where the tier has it: the
+ *           same values).  A chain
  *           errs by <= gamma_16 sum|a_k b_k| whether a step is one fused multiply-add (avx512,
  *           avx2, neon: 16 roundings per term at most) or a rounded multiply and a rounded add
  *           (portable: the product's rounding plus at most 15 additions, the first addition to
@@ -52,8 +55,11 @@
 #define EMB_ABI 9
 #define PW 32      /* panel width: rows per packed panel (and columns per panel tile) */
 #define FLUSH 16   /* fp32 terms per float64 flush in the l1 / snapshot kernels */
-#define GBLK 32    /* gram: products per float64 flush, as two 16-term chains (bound: gamma_17) */
 #define GCH 16     /* gram: multiply-adds per float32 chain */
+#ifndef GNCH
+#define GNCH 2     /* gram: chains per float64 flush (4: no faster on avx2, slower on avx512) */
+#endif
+#define GBLK (GCH * GNCH)   /* gram: products per float64 flush (bound: gamma_(GCH + GNCH - 1)) */
 
 /* ------------------------------------------------------------------ tier selection */
 #define EMB_T_PORTABLE 0
@@ -87,6 +93,13 @@
 #endif
 
 #define GNC (GNV * VW)   /* gram: columns per tile */
+#ifndef GREM_NV
+#define GREM_NV GNV      /* gram: vectors per row of the tile of the PW % GMR rows left in a panel */
+#endif
+#define GNVMAX (GNV > GREM_NV ? GNV : GREM_NV)
+#if PW % (GREM_NV * VW) || (GREM_NV * VW) % GNC
+#error "the remainder tile must cover whole gram tiles"
+#endif
 #define CNC (CNV * VW)   /* chebyshev / manhattan: columns per tile */
 #if PW % GNC || PW % CMR || PW % CNC || 16 % VW || 16 % SNR
 #error "tile shapes must divide the panel width"
@@ -119,6 +132,9 @@ EMB_INLINE vf vzero(void) { return vset1(0.0f); }
 typedef float vfh __attribute__((vector_size(VW * 2)));   /* VW/2 float32 lanes */
 typedef double vdh __attribute__((vector_size(VW * 4)));  /* VW/2 float64 lanes: one register */
 EMB_INLINE void vacc_f64(double *p, vf v) {
+#ifdef VACC_F64
+    VACC_F64(p, v);
+#else
     vfh h[2];
     memcpy(h, &v, sizeof v);
     for (int q = 0; q < 2; q++) {
@@ -127,6 +143,7 @@ EMB_INLINE void vacc_f64(double *p, vf v) {
         c += __builtin_convertvector(h[q], vdh);
         memcpy(p + q * (VW / 2), &c, sizeof c);
     }
+#endif
 }
 
 /* acc + t*t rounded once (the snapshots' square-accumulate, the same bits on every tier):
@@ -328,30 +345,36 @@ static double memo_sq(memo_t *tab, const void *x, int dt, int64_t d, int64_t n, 
 
 /* one float32 chain: c[r][v] = sum of GCH products a[k*PW + r] * b[k*PW + v*VW + lane], from
  * zero, for the R (<= GMR) rows of the tile */
-EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNV], const int R) {
+EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNVMAX], const int R, const int NV) {
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < GNV; v++) c[r][v] = vzero();
-    TILE_STEPS(16, GCH, R, GNV, ak, bk, c[r][v] = vmac(c[r][v], s, bv[v]))
+        for (int v = 0; v < NV; v++) c[r][v] = vzero();
+    TILE_STEPS(16, GCH, R, NV, ak, bk, c[r][v] = vmac(c[r][v], s, bv[v]))
 }
 
-/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < GNC; kc % GBLK == 0.
- * Per GBLK products: two chains of GCH (the first is parked while the second runs), summed in
- * float32, the sum added to the float64 tile: |fl(block) - block| <= gamma_17 sum|a_k b_k|. */
-EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R) {
+/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < NV * VW; kc % GBLK == 0.
+ * Per GBLK products: GNCH chains of GCH, each from zero, added one by one in float32 to the
+ * block's partial s (parked while the next chain runs), and s added to the float64 tile once:
+ * |fl(block) - block| <= gamma_(GCH + GNCH - 1) sum|a_k b_k| (see the header). */
+EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R,
+                            const int NV) {
     for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
-        vf c0[GMR][GNV], c1[GMR][GNV];
-        gram_chain(a + k0 * PW, b + k0 * PW, c0, R);
-        gram_chain(a + (k0 + GCH) * PW, b + (k0 + GCH) * PW, c1, R);
+        vf s[GMR][GNVMAX], c[GMR][GNVMAX];
+        gram_chain(a + k0 * PW, b + k0 * PW, s, R, NV);
+        for (int q = 1; q < GNCH; q++) {
+            gram_chain(a + (k0 + q * GCH) * PW, b + (k0 + q * GCH) * PW, c, R, NV);
+            for (int r = 0; r < R; r++)
+                for (int v = 0; v < NV; v++) s[r][v] = s[r][v] + c[r][v];
+        }
         for (int r = 0; r < R; r++)
-            for (int v = 0; v < GNV; v++) vacc_f64(C + r * ldc + v * VW, c0[r][v] + c1[r][v]);
+            for (int v = 0; v < NV; v++) vacc_f64(C + r * ldc + v * VW, s[r][v]);
     }
 }
 /* GMR rows, and the PW % GMR rows left at the end of a panel (GMR need not divide PW) */
 static __attribute__((noinline)) void gram_tile(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    gram_tile_r(a, b, kc, C, ldc, GMR);
+    gram_tile_r(a, b, kc, C, ldc, GMR, GNV);
 }
 static __attribute__((noinline)) void gram_tile_rem(const float *a, const float *b, int64_t kc, double *C, int64_t ldc) {
-    gram_tile_r(a, b, kc, C, ldc, PW % GMR ? PW % GMR : GMR);
+    gram_tile_r(a, b, kc, C, ldc, PW % GMR ? PW % GMR : GMR, GREM_NV);
 }
 
 /* C[r][c] (float32, ldc) = max(C, max_k |b[k*PW+c] - a[k*PW+r]|) */
@@ -399,7 +422,9 @@ EMB_INLINE void tiles(const int kind, const float *packed, int64_t dp, int64_t r
                     const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
                     for (int s = 0; s < PW; s += mr) {
                         const int64_t off = (rp * PW + s) * ldc + cp * PW + cs;
-                        if (kind == K_GRAM && s + GMR > PW) gram_tile_rem(a + s, b, kc, (double *)C + off, ldc);
+                        if (kind == K_GRAM && s + GMR > PW) {   /* GREM_NV * VW columns from cs */
+                            if (cs % (GREM_NV * VW) == 0) gram_tile_rem(a + s, b, kc, (double *)C + off, ldc);
+                        }
                         else if (kind == K_GRAM) gram_tile(a + s, b, kc, (double *)C + off, ldc);
                         else if (kind == K_CHEB) cheb_tile(a + s, b, kc, (float *)C + off, ldc);
                         else l1_tile(a + s, b, kc, (double *)C + off, ldc);
@@ -557,19 +582,22 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
     return flagged;
 }
 
+/* row i of a block whose columns end at cend: 0 when i is past the matrix; else the diagonal
+ * zeroed when the block holds it, *js = the block's first column j > i, and 1 */
+EMB_INLINE int block_row(int64_t i, int64_t n, int64_t c0, int64_t cend, float *out, int64_t ld, int64_t *js) {
+    if (i >= n) return 0;
+    if (i >= c0 && i < cend) out[i * ld + i] = 0.0f;
+    *js = i + 1 > c0 ? i + 1 : c0;
+    return 1;
+}
+
 void emb_cheb_block(const float *packed, int64_t dp, int64_t n, float *C, int64_t r0, int64_t nrp,
                     int64_t c0, int64_t ncp, float *out, int64_t ld) {
     const int64_t ldc = ncp * PW;
     cheb_block(packed, dp, r0, nrp, c0, ncp, C);
     const int64_t cend = c0 + ncp * PW < n ? c0 + ncp * PW : n;
-    for (int64_t r = 0; r < nrp * PW; r++) {
-        const int64_t i = r0 + r;
-        if (i >= n) break;
-        if (i >= c0 && i < cend) out[i * ld + i] = 0.0f;
-        const float *Crow = C + r * ldc - c0;
-        const int64_t js = i + 1 > c0 ? i + 1 : c0;
-        if (js < cend) memcpy(out + i * ld + js, Crow + js, sizeof(float) * (size_t)(cend - js));
-    }
+    for (int64_t r = 0, js; r < nrp * PW && block_row(r0 + r, n, c0, cend, out, ld, &js); r++)
+        if (js < cend) memcpy(out + (r0 + r) * ld + js, C + r * ldc - c0 + js, sizeof(float) * (size_t)(cend - js));
     mirror_block(C, ldc, r0, nrp * PW, c0, ncp * PW, n, out, ld);
 }
 
@@ -579,13 +607,11 @@ void emb_l1_block(const float *packed, int64_t dp, int64_t n, double *C, int64_t
     float *R = (float *)(C + nrp * PW * ldc);
     l1_block(packed, dp, r0, nrp, c0, ncp, C);
     const int64_t cend = c0 + ncp * PW < n ? c0 + ncp * PW : n;
-    for (int64_t r = 0; r < nrp * PW; r++) {
+    for (int64_t r = 0, js; r < nrp * PW && block_row(r0 + r, n, c0, cend, out, ld, &js); r++) {
         const int64_t i = r0 + r;
-        if (i >= n) break;
-        if (i >= c0 && i < cend) out[i * ld + i] = 0.0f;
         const double *Crow = C + r * ldc - c0;
         float *Rrow = R + r * ldc - c0;
-        for (int64_t j = (i + 1 > c0 ? i + 1 : c0); j < cend; j++) {
+        for (int64_t j = js; j < cend; j++) {
             float v = (float)Crow[j];
             if (v == 0.0f && Crow[j] != 0.0) v = F32_TINY;
             out[i * ld + j] = v;

@@ -290,6 +290,12 @@ static inline void st_push_nd(st_local_t *L, int64_t n, int64_t ga, int64_t gb) 
     L->nd[2 * L->ndlen] = a; L->nd[2 * L->ndlen + 1] = b; L->ndlen++;
 }
 
+/* row r of a reduction (matrix row r0 + r): its row minimum starts at +inf; 0 past the matrix */
+static inline int st_row(int64_t r0, int64_t r, int64_t n, double *rowmin) {
+    rowmin[r] = INFINITY;
+    return r0 + r < n;
+}
+
 /* Stream parameters sp[]: 0 nbins, 1 bins per unit distance, 2 nrad, 3 tolq (relative error bound of an
  * approximate q; 0 = every q exact), 4 near-dup slack (relative), 5.. radius^2 (nrad values).
  * Thread accumulators: thist[nbins]; tcnt[0..7] pairs below each radius, [8] pairs, [9] flagged,
@@ -317,9 +323,8 @@ static void st_reduce(emb_stream_t *st, const double *Q, const uint8_t *EX, int6
     const __m512d vzero = _mm512_setzero_pd(), vhs = _mm512_set1_pd(hs), vinf = _mm512_set1_pd(INFINITY);
     const __m512d vtop = _mm512_set1_pd((double)(nbins - 1));
     for (int64_t r = 0; r < nr; r++) {
+        if (!st_row(r0, r, n, rowmin)) continue;
         const int64_t i = r0 + r;
-        rowmin[r] = INFINITY;
-        if (i >= n) continue;
         const double *Qr = Q + r * ldq;
         const uint8_t *Er = EX + r * ldx;
         const __m512d vrthr = _mm512_set1_pd(st_load_thr(&st->hthr[i]));
@@ -386,9 +391,8 @@ static void st_reduce(emb_stream_t *st, const double *Q, const uint8_t *EX, int6
 #else
     double sum = 0.0;
     for (int64_t r = 0; r < nr; r++) {
+        if (!st_row(r0, r, n, rowmin)) continue;
         const int64_t i = r0 + r;
-        rowmin[r] = INFINITY;
-        if (i >= n) continue;
         const double *Qr = Q + r * ldq;
         const uint8_t *Er = EX + r * ldx;
         const double rthr = st_load_thr(&st->hthr[i]);

@@ -1,7 +1,7 @@
 /* Tier avx2 (x86-64 with AVX2 + FMA: AMD Zen 1-5, Intel Haswell and later desktop chips):
  * the per-ISA part of kernels.c.  16 registers of 8 float32: gram tiles 6 x 16 (12 live
  * accumulators; the first chain of a block parked in L1 by the register allocator; 6 does not
- * divide the panel, its last 2 rows are a tile of their own), Chebyshev / Manhattan tiles
+ * divide the panel, its last 2 rows are a 2 x 32 tile of their own), Chebyshev / Manhattan tiles
  * 4 x 16, snapshot tiles 2 x 16. */
 #include <immintrin.h>
 #define EMB_TIER_NAME "avx2"
@@ -11,6 +11,9 @@ typedef __m256 vf;
 #define GMR 6
 #endif
 #define GNV 2
+#ifndef GREM_NV
+#define GREM_NV 4  /* the 2 rows left in a panel: one 2 x 32 tile (8 accumulators, not 2 x 4) */
+#endif
 #define CMR 4
 #define CNV 2
 #define SNR 2
@@ -19,3 +22,8 @@ typedef __m256 vf;
 #define VMAC(acc, a, b) _mm256_fmadd_ps(a, b, acc)
 #define VABS(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)
 #define VABSMAX(m, x) _mm256_max_ps(m, VABS(x))
+/* p[0..8) += (double)v: two widening conversions (the generic vector-extension code splits them) */
+#define VACC_F64(p, v) do { \
+        _mm256_storeu_pd((p), _mm256_add_pd(_mm256_loadu_pd(p), _mm256_cvtps_pd(_mm256_castps256_ps128(v)))); \
+        _mm256_storeu_pd((p) + 4, _mm256_add_pd(_mm256_loadu_pd((p) + 4), _mm256_cvtps_pd(_mm256_extractf128_ps((v), 1)))); \
+    } while (0)

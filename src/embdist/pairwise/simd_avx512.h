@@ -17,3 +17,9 @@ typedef __m512 vf;
 #define VMAC(acc, a, b) _mm512_fmadd_ps(a, b, acc)            /* acc + a * b, one rounding */
 #define VABS(x) _mm512_abs_ps(x)
 #define VABSMAX(m, x) _mm512_range_ps(m, x, 0x0B)            /* max(|m|, |x|), sign cleared: exact */
+/* p[0..16) += (double)v: two widening conversions */
+#define VACC_F64(p, v) do { \
+        _mm512_storeu_pd((p), _mm512_add_pd(_mm512_loadu_pd(p), _mm512_cvtps_pd(_mm512_castps512_ps256(v)))); \
+        _mm512_storeu_pd((p) + 8, _mm512_add_pd(_mm512_loadu_pd((p) + 8), \
+                                                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))))); \
+    } while (0)

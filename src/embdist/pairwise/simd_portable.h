@@ -2,16 +2,17 @@
  * per-ISA part of kernels.c, in GCC/Clang vector extensions, 4 float32 lanes.
  * No fused multiply-add: VMAC is a multiply and an add, each rounded (never the C library's
  * software fmaf).  The gram bound holds unchanged (see kernels.c).  16 registers assumed:
- * gram tiles 4 x 8, Chebyshev / Manhattan tiles 4 x 8, snapshot tiles 1 x 16. */
+ * gram tiles 3 x 16 (12 accumulators; 3 does not divide the panel, its last 2 rows are a tile of
+ * their own), Chebyshev / Manhattan tiles 4 x 8, snapshot tiles 1 x 16. */
 #define EMB_TIER_NAME "portable"
 #define VW 4
 typedef float vf __attribute__((vector_size(16)));
 typedef int32_t vfi __attribute__((vector_size(16)));
 #ifndef GMR
-#define GMR 4
+#define GMR 3
 #endif
 #ifndef GNV
-#define GNV 2
+#define GNV 4
 #endif
 #define CMR 4
 #define CNV 2
@@ -68,3 +69,12 @@ static inline float sqacc_exact(float acc, float t) {
     memcpy(&r, &u, 8);
     return (float)r;
 }
+#if defined(__SSE2__)
+#include <emmintrin.h>
+/* p[0..4) += (double)v: two widening conversions (the generic vector-extension code is slower) */
+#define VACC_F64(p, v) do { \
+        const __m128 v_ = (__m128)(v); \
+        _mm_storeu_pd((p), _mm_add_pd(_mm_loadu_pd(p), _mm_cvtps_pd(v_))); \
+        _mm_storeu_pd((p) + 2, _mm_add_pd(_mm_loadu_pd((p) + 2), _mm_cvtps_pd(_mm_movehl_ps(v_, v_)))); \
+    } while (0)
+#endif
