@@ -122,3 +122,19 @@ def toy_history(request) -> Path:
     if not path.is_file():
         toytrain.train_snapshots(path, steps=1000, seed=0, progress=False)
     return path
+
+
+def wait_for_line(proc, text: str, timeout: float = 300, start: bool = False) -> str:
+    """Read a child's merged output until a line holds ``text`` (``start``: begins with it);
+    the output so far. A child that ends or a timeout: killed, AssertionError with the output."""
+    import time
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if (line.startswith(text) if start else text in line):
+            return seen
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}:\n{seen}")

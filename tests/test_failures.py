@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_embdist, runs_of
+from conftest import run_embdist, runs_of, wait_for_line
 
 CUSTOM = ("model=custom", "task.progress=false")
 
@@ -252,16 +252,7 @@ def _start(home: Path, *args: str) -> subprocess.Popen:
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
-    seen, deadline = "", time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if text in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"never saw {text!r}:\n{seen}")
+    return wait_for_line(proc, text, timeout)
 
 
 @pytest.mark.parametrize("out_of_core", [False, True])

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_embdist, runs_of
+from conftest import run_embdist, runs_of, wait_for_line
 
 CUSTOM = ("model=custom", "task.progress=false")
 TABLE: list[tuple] = []
@@ -384,16 +384,7 @@ def _start_paused(home: Path, where: str, folder: Path, data) -> subprocess.Pope
 
 
 def _wait_paused(proc: subprocess.Popen, timeout: float = 600) -> str:
-    seen, deadline = "", time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if line.startswith("PAUSED"):
-            return seen
-    proc.kill()
-    raise AssertionError(f"never paused:\n{seen}")
+    return wait_for_line(proc, "PAUSED", timeout, start=True)
 
 
 KILLED_AT = ["compute", "save", "report", "report"]  # the last one gets Ctrl-C, the others kill -9

@@ -7,9 +7,9 @@ import torch
 
 from embdist import rows
 from embdist.pairwise import _cpu
+from embdist.pairwise._common import DTYPE_CODES as _DT    # element codes of kernels_dynamics.c
 
 FILTER_COLS = 16        # columns of largest spread in the components' candidate filter
-_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}    # element codes of kernels_dynamics.c
 
 
 def runs(mask: np.ndarray):

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from embdist import rows
+from embdist import _dynamics_native
 from embdist._dynamics_native import _DT    # element codes of kernels_dynamics.c
 
 METRICS = ("chebyshev", "euclidean")
@@ -225,7 +226,7 @@ class Tracker:
         elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)
         lib = _native_lib() if x.dtype in _DT else None
         if lib is not None:
-            labels, changed, differs0, disp = self._native_steps(lib, x, bits, elem)
+            labels, changed, differs0, disp = _dynamics_native.steps(self, lib, x, bits, elem)
         else:
             labels, changed, differs0, disp = self._numpy_steps(x, bits, elem)
         idx = self.t + np.arange(c)
@@ -262,10 +263,6 @@ class Tracker:
             self.freeze = np.full(v, -1, dtype=np.int64)
             self.n_changes = np.zeros(v, dtype=np.int64)
 
-    def _native_steps(self, lib, x: torch.Tensor, bits: np.ndarray, elem: np.ndarray):
-        from embdist import _dynamics_native
-        return _dynamics_native.steps(self, lib, x, bits, elem)
-
     def _numpy_steps(self, x: torch.Tensor, bits: np.ndarray, elem):
         """The same without the native library (numpy; embdist.rows' labels)."""
         c, v, _ = x.shape
@@ -295,7 +292,7 @@ class Tracker:
             return
         lib = _native_lib() if x.dtype in _DT else None
         if lib is not None:
-            return self._native_components(lib, x, labels, changed)
+            return _dynamics_native.components(self, lib, x, labels, changed)
         c, v, _ = x.shape
         top = self.thresholds[-1]
         isrep = labels == np.arange(v)
@@ -340,10 +337,6 @@ class Tracker:
             k = val <= thr
             count, largest = _components(c, v, labels, t[k], a[k], b[k])
             self.comp[thr][0].append(count), self.comp[thr][1].append(largest)
-
-    def _native_components(self, lib, x: torch.Tensor, labels: np.ndarray, changed) -> None:
-        from embdist import _dynamics_native
-        _dynamics_native.components(self, lib, x, labels, changed)
 
     def result(self) -> Dynamics:
         if not self.labels:

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Element codes of the C kernels' dtype loads and stores (kernels.c, kernels_stream.c,
+# kernels_dynamics.c): the one map from a torch dtype to the code the kernels take.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 METRICS = ("euclidean", "chebyshev", "sqeuclidean", "manhattan", "cosine")
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

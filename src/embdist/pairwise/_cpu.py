@@ -216,7 +216,7 @@ def direct_metric(lib, x32: torch.Tensor, out: torch.Tensor, metric: str, bar) -
     run_parallel(_items(n), one, bar)
 
 
-SNAP_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SNAP_OUT_DTYPES = C.DTYPE_CODES
 SNAP_ITEM = 64   # snapshots per work item at most (one C call: converts, computes, writes its rows)
 
 

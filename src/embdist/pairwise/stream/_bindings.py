@@ -13,7 +13,7 @@ from .. import _common as C
 from .. import _native
 
 STREAM_METRICS = ("euclidean", "chebyshev")
-DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DT_CODES = C.DTYPE_CODES
 _CHUNK = 4096          # rows per preparation chunk (fixed: results must not depend on threads)
 
 
