@@ -89,8 +89,8 @@ static void engine(const float *x, int64_t n, int64_t d, uint64_t *he, uint64_t 
         groups[i] = i;
         for (int64_t j = 0; j < i; j++) if (same_row(x, d, i, j)) { groups[i] = groups[j]; break; }
     }
-    const double u = 0x1p-24, e53 = 0x1p-53, g17 = 17 * u / (1 - 17 * u);
-    const double prm[8] = {2 * g17 + 2.02 * (double)(dp / GBLK) * e53 + 1.02 * 2 * e53, 1.01 * (double)(d + 1) * e53 + 2 * e53,
+    const double u = 0x1p-24, e53 = 0x1p-53, gam = (GCH + GNCH - 1) * u / (1 - (GCH + GNCH - 1) * u);   /* gamma_(chain + chains - 1) */
+    const double prm[8] = {2 * gam + 2.02 * (double)(dp / GBLK) * e53 + 1.02 * 2 * e53, 1.01 * (double)(d + 1) * e53 + 2 * e53,
                            (double)dp * 0x1p-148, 1.0 / (2 * 1.5e-6), u * (1 + 2 * u), sqrt((double)d) * 0x1p-149,
                            3e-7 * 3e-7, ldexp(1.0, 2 * e)};
     for (int kind = 0; kind < 3; kind++) {
@@ -185,6 +185,7 @@ int main(int argc, char **argv) {
     for (int s = 0; s < (quick ? 3 : 5); s++)
         for (int dt = 0; dt < 2; dt++) snapshots(snaps[s][0], snaps[s][1], snaps[s][2], dt, &hs);
     printf("tier %s\n", emb_tier());
+    printf("gram %d %d %d\n", GCH, GNCH, EMB_HAS_FMA);   /* the summation shape: equal shapes, equal bits */
     printf("hash euclidean %016llx\n", (unsigned long long)he);
     printf("hash chebyshev %016llx\n", (unsigned long long)hc);
     printf("hash manhattan %016llx\n", (unsigned long long)hl);

@@ -12,7 +12,6 @@ import torch
 from . import _common as C
 
 PW = 32          # panel width (rows per packed panel), must match kernels.c
-GBLK = 32        # gram: products per float64 flush (two 16-FMA chains), must match kernels.c
 MB_PANELS = 4    # row panels per work item (128 rows)
 NB_PANELS = 16   # column panels per work item (512 columns)
 
@@ -124,9 +123,22 @@ def centre(lib, x32: torch.Tensor):
     return mu, max(mx)
 
 
+def gram_shape(lib) -> tuple[int, int]:
+    """(products per float32 chain, chains per float64 flush) of the tier's gram (kernels.c)."""
+    s = int(lib.emb_gram_shape())
+    return s & 0xFF, s >> 8
+
+
+def padded_depth(lib, d: int) -> int:
+    """d rounded up to whole float64 flushes of the tier's gram (padding adds exact zeros)."""
+    ch, nch = gram_shape(lib)
+    blk = ch * nch
+    return max(blk, -(-d // blk) * blk)
+
+
 def pack(lib, x32: torch.Tensor, mu: torch.Tensor | None, scale: float, want_norms: bool):
     n, d = x32.shape
-    dp = max(GBLK, -(-d // GBLK) * GBLK)
+    dp = padded_depth(lib, d)
     npan = -(-n // PW)
     packed = torch.empty(npan * dp * PW + 16, dtype=torch.float32)
     assert packed.data_ptr() % 64 == 0
@@ -155,12 +167,16 @@ def n_items(n: int) -> int:
 
 
 # Bound constants of the native GEMM (see the package docstring, "Euclidean error bound").
-def euclid_params(d: int, dp: int, inv_scale2: float) -> np.ndarray:
+# The gram's float32 part errs by gamma_m sum|a_k b_k| per flush, m = chain + chains - 1 (17 for
+# 2 chains of 16, 19 for avx2's 4): the shape comes from the library itself.
+def euclid_params(lib, d: int, dp: int, inv_scale2: float) -> np.ndarray:
     u = C.U32
     e = C.U64
-    g17 = 17 * u / (1.0 - 17 * u)
-    nblk = dp // GBLK
-    c1 = 2.0 * g17 + 2.02 * nblk * e + 1.02 * 2.0 * e
+    ch, nch = gram_shape(lib)
+    m = ch + nch - 1
+    gm = m * u / (1.0 - m * u)
+    nblk = dp // (ch * nch)
+    c1 = 2.0 * gm + 2.02 * nblk * e + 1.02 * 2.0 * e
     c2 = 1.01 * (d + 1) * e + 2.0 * e
     c3 = dp * 2.0 ** -148
     c4 = math.sqrt(d) * 2.0 ** -149
@@ -178,7 +194,7 @@ def euclid_like(lib, x32: torch.Tensor, groups: np.ndarray, out: torch.Tensor, m
         e = max(min(math.frexp(xc_max)[1], 120), -120)
     packed, dp, norms = pack(lib, x32, mu, 2.0 ** (-e), True)
     rnorms = np.sqrt(norms)
-    prm = euclid_params(d, dp, 2.0 ** (2 * e))
+    prm = euclid_params(lib, d, dp, 2.0 ** (2 * e))
     mcode = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}[mode]
     zr = None
     if zero_rows is not None and zero_rows.any():

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SRC = HERE / "kernels.c"
 SOURCES = ("kernels.c", "kernels_stream.c", "kernels_dynamics.c", "simd_avx512.h", "simd_avx2.h", "simd_neon.h", "simd_portable.h")
-ABI = 9                                  # bump when the C signatures change
+ABI = 10                                  # bump when the C signatures change
 TIERS = ("avx512", "avx2", "neon", "portable")          # best first
 CHOICES = ("auto",) + TIERS + ("torch",)
 TIER_CODES = {"portable": 0, "avx2": 1, "avx512": 2, "neon": 3}   # EMB_TIER in kernels.c
@@ -235,6 +235,7 @@ _SIGS = {
     "emb_abi": ([], ctypes.c_int),
     "emb_has_avx512": ([], ctypes.c_int),
     "emb_tier": ([], ctypes.c_char_p),
+    "emb_gram_shape": ([], ctypes.c_int),
     "emb_row_hash": ([_P, _I, _I, _I, _I, _P], None),
     "emb_pack_panels": ([_P, _I, _I, _I, _P, _D, _P, _I, _I, _P], None),
     "emb_cheb_block": ([_P, _I, _I, _P, _I, _I, _I, _I, _P, _I], None),

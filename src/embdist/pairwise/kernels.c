@@ -52,14 +52,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EMB_ABI 9
+#define EMB_ABI 10
 #define PW 32      /* panel width: rows per packed panel (and columns per panel tile) */
 #define FLUSH 16   /* fp32 terms per float64 flush in the l1 / snapshot kernels */
 #define GCH 16     /* gram: multiply-adds per float32 chain */
-#ifndef GNCH
-#define GNCH 2     /* gram: chains per float64 flush (4: no faster on avx2, slower on avx512) */
-#endif
-#define GBLK (GCH * GNCH)   /* gram: products per float64 flush (bound: gamma_(GCH + GNCH - 1)) */
 
 /* ------------------------------------------------------------------ tier selection */
 #define EMB_T_PORTABLE 0
@@ -92,6 +88,10 @@
 #include "simd_portable.h"
 #endif
 
+#ifndef GNCH
+#define GNCH 2     /* gram: chains per float64 flush (a tier's header may set 4: fewer flushes) */
+#endif
+#define GBLK (GCH * GNCH)   /* gram: products per float64 flush (bound: gamma_(GCH + GNCH - 1)) */
 #define GNC (GNV * VW)   /* gram: columns per tile */
 #ifndef GREM_NV
 #define GREM_NV GNV      /* gram: vectors per row of the tile of the PW % GMR rows left in a panel */
@@ -121,6 +121,8 @@ EMB_INLINE vf vsqacc(vf acc, vf t) { return vsqacc_exact(acc, t); }
 int emb_abi(void) { return EMB_ABI; }
 int emb_has_avx512(void) { return EMB_AVX512; }
 const char *emb_tier(void) { return EMB_TIER_NAME; }
+/* the gram's summation shape, for the bound on the Python side: GCH | GNCH << 8 */
+int emb_gram_shape(void) { return GCH | GNCH << 8; }
 
 /* ------------------------------------------------------------------ generic vector helpers */
 typedef double vd __attribute__((vector_size(VW * 8)));   /* VW float64 lanes */

@@ -46,7 +46,7 @@ def _prepare(lib, x: torch.Tensor, metric: str, pack: bool = True) -> _Prepared:
     hist_hi = hi * (1 + 1e-6) if hi > 0 else 1.0
     if not pack:
         return _Prepared(torch.empty(16), 0, hist_hi=hist_hi)
-    dp = max(_cpu.GBLK, -(-d // _cpu.GBLK) * _cpu.GBLK)
+    dp = _cpu.padded_depth(lib, d)
     npan = -(-n // PW)
     packed = torch.empty(npan * dp * PW + 16, dtype=torch.float32)
     assert packed.data_ptr() % 64 == 0
@@ -59,7 +59,7 @@ def _prepare(lib, x: torch.Tensor, metric: str, pack: bool = True) -> _Prepared:
         norms = np.zeros(npan * PW)
         _cpu.run_parallel(pans, lambda r: lib.emb_stream_pack(_ptr(x), dt, n, d, dp, _ptr(mu), 2.0 ** (-e),
                                                               _ptr(packed), r[0], r[1], _ptr(norms)))
-        return _Prepared(packed, dp, norms, np.sqrt(norms), _cpu.euclid_params(d, dp, 2.0 ** (2 * e)), hist_hi)
+        return _Prepared(packed, dp, norms, np.sqrt(norms), _cpu.euclid_params(lib, d, dp, 2.0 ** (2 * e)), hist_hi)
     _cpu.run_parallel(pans, lambda r: lib.emb_stream_pack(_ptr(x), dt, n, d, dp, None, 1.0, _ptr(packed),
                                                           r[0], r[1], None))
     return _Prepared(packed, dp, hist_hi=hist_hi)
