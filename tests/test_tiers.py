@@ -81,6 +81,8 @@ def per_tier():
             r = {"euclidean": P.pairwise(x, "euclidean", device="cpu"),
                  "chebyshev": P.pairwise(x, "chebyshev", device="cpu"),
                  "manhattan": P.pairwise(x, "manhattan", device="cpu"),
+                 "sqeuclidean": P.pairwise(x, "sqeuclidean", device="cpu"),
+                 "cosine": P.pairwise(x, "cosine", device="cpu"),
                  "snap": P.pairwise_snapshots_multi(h, ["euclidean", "chebyshev"], device="cpu")}
             v = S.vocab_stats(x.bfloat16(), "euclidean", k=5, bins=64)
             r["knn"] = v.knn_ids
@@ -113,6 +115,16 @@ def test_every_tier_meets_the_contract(per_tier):
         assert np.array_equal(e, e.T) and (np.diag(e) == 0).all(), t
         assert torch.equal(r["chebyshev"], seed_cheb), t
         assert rel_err(r["manhattan"].numpy(), cdist(x64, x64, "cityblock")) <= 2e-6, t
+        sq = r["sqeuclidean"].numpy()           # (the planted subnormal rows' d^2 underflow float32)
+        fin = ref ** 2 > 2.0 ** -120
+        assert rel_err(np.where(fin, sq, 0), np.where(fin, ref ** 2, 0)) <= 4e-6, t
+        assert np.array_equal(sq == 0, ident), t
+        cos = r["cosine"].numpy()               # rows 40 and 41 are zero vectors: 1 to all others
+        nz = np.linalg.norm(x64, axis=1) > 0
+        np.testing.assert_allclose(cos[np.ix_(nz, nz)], np.clip(cdist(x64[nz], x64[nz], "cosine"), 0, 2),
+                                   rtol=4e-6, atol=3e-7, err_msg=t)
+        assert (cos[np.ix_(~nz, nz)] == 1).all() and (cos[np.ix_(~nz, ~nz)] == 0).all(), t
+        assert np.array_equal(cos, cos.T) and (cos[ident] == 0).all(), t
         for i in range(h.shape[0]):
             hi = h[i].float()
             assert torch.equal(r["snap"]["chebyshev"][i], (hi[:, None] - hi[None]).abs().max(dim=2)[0]), t

@@ -133,6 +133,16 @@ EMB_INLINE vf vzero(void) { return vset1(0.0f); }
  * register width (one float64 vector each: no wider-than-register temporaries) */
 typedef float vfh __attribute__((vector_size(VW * 2)));   /* VW/2 float32 lanes */
 typedef double vdh __attribute__((vector_size(VW * 4)));  /* VW/2 float64 lanes: one register */
+typedef int64_t vlh __attribute__((vector_size(VW * 4)));  /* VW/2 int64 lanes (masks of vdh) */
+typedef int32_t vih __attribute__((vector_size(VW * 2)));  /* VW/2 int32 lanes (masks of vfh) */
+EMB_INLINE vdh vsqrt_d(vdh v) {   /* lane-wise sqrt (the tier's VSQRT_D instruction when it names one) */
+#ifdef VSQRT_D
+    return VSQRT_D(v);
+#else
+    for (int l = 0; l < VW / 2; l++) v[l] = __builtin_sqrt(v[l]);
+    return v;
+#endif
+}
 EMB_INLINE void vacc_f64(double *p, vf v) {
 #ifdef VACC_F64
     VACC_F64(p, v);
@@ -556,7 +566,47 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
             _mm256_mask_storeu_ps(Rrow + j, m, r32);
         }
 #else
-        for (int64_t j = js; j < cend; j++) {
+        /* the generic tiers: VW/2 pairs per step in float64 vectors of one register (vector
+         * extensions), the few flagged lanes recomputed one by one; the rest in the scalar loop */
+        const vdh vzero_d = {0};
+        const vfh vzero_f = {0};
+        int64_t j = js;
+        for (; j + VW / 2 <= cend; j += VW / 2) {
+            vdh g, nb, rb, res;
+            vlh gj;
+            memcpy(&g, Crow + j, sizeof g);
+            memcpy(&nb, norms + j, sizeof nb);
+            memcpy(&rb, rnorms + j, sizeof rb);
+            memcpy(&gj, groups + j, sizeof gj);
+            const vdh s = na + nb;
+            vdh d2 = s - 2.0 * g;
+            const vdh e = c1 * (ra * rb) + c2 * s + c3;
+            const vdh ce = u * (ra + rb) + c4;
+            const vlh same = gj == gi;
+            const vlh fl = ~same & ((d2 <= e * inv2tol) | (d2 * ct2 <= ce * ce));
+            d2 = d2 * isc2;
+            d2 = (vdh)((vlh)d2 & ~(d2 < 0.0));                       /* max(d2, 0), NaN kept */
+            for (int l = 0; l < VW / 2; l++)
+                if (fl[l]) { d2[l] = flagged_sq(memo, x, d, n, i, j + l, groups); flagged++; }
+            if (mode == 0) res = vsqrt_d(d2);
+            else if (mode == 1) res = d2;
+            else {
+                res = d2 * 0.5;
+                const vlh big = res > 2.0;
+                res = (vdh)(((vlh)res & ~big) | ((vlh)(vzero_d + 2.0) & big));   /* min(res, 2) */
+                if (zero_rows)
+                    for (int l = 0; l < VW / 2; l++)
+                        if (zero_rows[j + l] != zi) res[l] = 1.0;
+            }
+            res = (vdh)((vlh)res & ~same);
+            vfh r32 = __builtin_convertvector(res, vfh);
+            vih z = (r32 == 0.0f) & ~__builtin_convertvector(same, vih);
+            if (mode == 2) z &= __builtin_convertvector(res != 0.0, vih);
+            r32 = (vfh)(((vih)r32 & ~z) | ((vih)(vzero_f + F32_TINY) & z));
+            memcpy(orow + j, &r32, sizeof r32);
+            memcpy(Rrow + j, &r32, sizeof r32);
+        }
+        for (; j < cend; j++) {
             double g = Crow[j], nb = norms[j], rb = rnorms[j];
             double s = na + nb, d2 = s - 2.0 * g;
             double e = c1 * (ra * rb) + c2 * s + c3;

@@ -14,7 +14,9 @@ typedef __m256 vf;
 /* 4 chains of 16 per float64 flush (bound gamma_19 instead of gamma_17, see kernels.c): with 16
  * registers the flush (widening conversions, float64 adds, the parked partial) is a tenth of a
  * 32-product block, and halving it is measured 8-10% faster here; avx512 keeps 2 */
+#ifndef GNCH
 #define GNCH 4
+#endif
 #ifndef GREM_NV
 #define GREM_NV 4  /* the 2 rows left in a panel: one 2 x 32 tile (8 accumulators, not 2 x 4) */
 #endif
@@ -31,3 +33,4 @@ typedef __m256 vf;
         _mm256_storeu_pd((p), _mm256_add_pd(_mm256_loadu_pd(p), _mm256_cvtps_pd(_mm256_castps256_ps128(v)))); \
         _mm256_storeu_pd((p) + 4, _mm256_add_pd(_mm256_loadu_pd((p) + 4), _mm256_cvtps_pd(_mm256_extractf128_ps((v), 1)))); \
     } while (0)
+#define VSQRT_D(v) ((vdh)_mm256_sqrt_pd((__m256d)(v)))     /* 4 float64 square roots, correctly rounded */
