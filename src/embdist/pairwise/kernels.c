@@ -27,18 +27,20 @@
  * transposes in the snapshot writer); every other tier runs the generic ones.
  *
  * Arithmetic contract (identical on every tier unless said otherwise):
- *  - gram:  per GBLK = 32 products two float32 chains of 16 multiply-adds from zero (k0..k0+15
- *           and k0+16..k0+31), added in float32, then added to a float64 accumulator (the
+ *  - gram:  per GBLK = GNCH * 16 products GNCH float32 chains of 16 multiply-adds from zero
+ *           (k0..k0+15, k0+16..k0+31, ...; GNCH = 2, avx2 4: simd_avx2.h says why), added one by
+ *           one in float32, then added to a float64 accumulator (the
  *           widening conversion and add spelled per ISA by VACC_F64 where the tier has it: the
  *           same values).  A chain
  *           errs by <= gamma_16 sum|a_k b_k| whether a step is one fused multiply-add (avx512,
  *           avx2, neon: 16 roundings per term at most) or a rounded multiply and a rounded add
  *           (portable: the product's rounding plus at most 15 additions, the first addition to
- *           0 being exact), so |fl(G) - G| <= gamma_17 sum|a_k b_k| + O(2^-53) on every tier;
+ *           0 being exact), so |fl(G) - G| <= gamma_(15 + GNCH) sum|a_k b_k| + O(2^-53) (gamma_17,
+ *           avx2 gamma_19: the tier reports its shape, emb_gram_shape, and Python's bound uses it);
  *           underflow: one multiplication (or FMA) per product may err by 2^-150 absolutely,
  *           additions of subnormals are exact, which c3 = dp 2^-148 covers.  The values differ
- *           in the last bits between tiers; the proven bound and the recomputation rule are
- *           the same, so every tier meets the Euclidean contract.
+ *           in the last bits between tiers; the proven bound (for the tier's shape) and the
+ *           recomputation rule are the same, so every tier meets the Euclidean contract.
  *  - cheb:  max of |b - a| computed as float32 subtract + exact abs-max, bit-identical to
  *           torch's abs(a - b).max() whatever the order, on every tier.
  *  - l1:    float32 |b - a| summed 16 at a time in float32, then in float64.
