@@ -23,8 +23,9 @@
  *    (VRANGEPS, vabsq), and the exactness contract names the exact operation sequence, so the
  *    four operations whose instruction matters are spelled per ISA, in one place;
  *  - intrinsics everywhere: four copies of every kernel, which is what this file replaced.
- * The AVX-512 tier keeps a few hand-vectorised epilogues (masked stores, 16x16 register
- * transposes in the snapshot writer); every other tier runs the generic ones.
+ * The AVX-512 tier keeps one hand-vectorised epilogue, the snapshot writer (16x16 register
+ * transposes, masked stores); every other epilogue, the Euclidean one included, is generic
+ * (float64 vector extensions, the square root spelled per ISA by VSQRT_D where the tier has it).
  *
  * Arithmetic contract (identical on every tier unless said otherwise):
  *  - gram:  per GBLK = GNCH * 16 products GNCH float32 chains of 16 multiply-adds from zero
@@ -516,60 +517,8 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
         const double *Crow = C + r * ldc - c0;
         float *orow = out + i * ld;
         float *Rrow = R + r * ldc - c0;
-#if EMB_AVX512
-        const __m512d vna = _mm512_set1_pd(na), vra = _mm512_set1_pd(ra), vc1 = _mm512_set1_pd(c1),
-                      vc2 = _mm512_set1_pd(c2), vc3 = _mm512_set1_pd(c3), vit = _mm512_set1_pd(inv2tol),
-                      vu = _mm512_set1_pd(u), vc4 = _mm512_set1_pd(c4), vct2 = _mm512_set1_pd(ct2),
-                      visc = _mm512_set1_pd(isc2), vtwo = _mm512_set1_pd(2.0), vhalf = _mm512_set1_pd(0.5),
-                      vzero = _mm512_setzero_pd(), vone = _mm512_set1_pd(1.0), vtwo2 = _mm512_set1_pd(2.0);
-        const __m512i vgi = _mm512_set1_epi64(gi);
-        for (int64_t j = js; j < cend; j += 8) {
-            const int64_t left = cend - j;
-            const __mmask8 m = left >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << left) - 1u);
-            __m512d g = _mm512_maskz_loadu_pd(m, Crow + j);
-            __m512d nb = _mm512_maskz_loadu_pd(m, norms + j);
-            __m512d rb = _mm512_maskz_loadu_pd(m, rnorms + j);
-            __m512i gj = _mm512_maskz_loadu_epi64(m, groups + j);
-            __m512d s = _mm512_add_pd(vna, nb);
-            __m512d d2 = _mm512_sub_pd(s, _mm512_mul_pd(vtwo, g));
-            __m512d e = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(vc1, _mm512_mul_pd(vra, rb)),
-                                                    _mm512_mul_pd(vc2, s)), vc3);
-            __mmask8 fl = _mm512_cmp_pd_mask(d2, _mm512_mul_pd(e, vit), _CMP_LE_OQ);
-            __m512d ce = _mm512_add_pd(_mm512_mul_pd(vu, _mm512_add_pd(vra, rb)), vc4);
-            fl |= _mm512_cmp_pd_mask(_mm512_mul_pd(d2, vct2), _mm512_mul_pd(ce, ce), _CMP_LE_OQ);
-            __mmask8 same = _mm512_cmpeq_epi64_mask(gj, vgi) & m;
-            fl &= (__mmask8)(m & ~same);
-            d2 = _mm512_max_pd(_mm512_mul_pd(d2, visc), vzero);
-            if (fl) {
-                double tmp[8];
-                _mm512_storeu_pd(tmp, d2);
-                for (int l = 0; l < 8; l++)
-                    if (fl >> l & 1) tmp[l] = flagged_sq(memo, x, d, n, i, j + l, groups);
-                d2 = _mm512_loadu_pd(tmp);
-                flagged += __builtin_popcount(fl);
-            }
-            __m512d res;
-            if (mode == 0) res = _mm512_sqrt_pd(d2);
-            else if (mode == 1) res = d2;
-            else {
-                res = _mm512_min_pd(_mm512_mul_pd(d2, vhalf), vtwo2);
-                if (zero_rows) {
-                    __mmask8 zb = 0;
-                    for (int l = 0; l < 8 && l < left; l++) zb |= (__mmask8)((zero_rows[j + l] != zi) << l);
-                    res = _mm512_mask_mov_pd(res, zb, vone);
-                }
-            }
-            res = _mm512_mask_mov_pd(res, same, vzero);
-            __m256 r32 = _mm512_cvtpd_ps(res);
-            __mmask8 z = _mm256_cmp_ps_mask(r32, _mm256_setzero_ps(), _CMP_EQ_OQ) & (__mmask8)(m & ~same);
-            if (mode == 2) z &= _mm512_cmp_pd_mask(res, vzero, _CMP_NEQ_OQ);
-            r32 = _mm256_mask_mov_ps(r32, z, _mm256_set1_ps(F32_TINY));
-            _mm256_mask_storeu_ps(orow + j, m, r32);
-            _mm256_mask_storeu_ps(Rrow + j, m, r32);
-        }
-#else
-        /* the generic tiers: VW/2 pairs per step in float64 vectors of one register (vector
-         * extensions), the few flagged lanes recomputed one by one; the rest in the scalar loop */
+        /* VW/2 pairs per step in float64 vectors of one register (vector extensions, every
+         * tier), the few flagged lanes recomputed one by one; the rest in the scalar loop */
         const vdh vzero_d = {0};
         const vfh vzero_f = {0};
         int64_t j = js;
@@ -630,7 +579,6 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
             orow[j] = r32;
             Rrow[j] = r32;
         }
-#endif
     }
     mirror_block(R, ldc, r0, nrp * PW, c0, ncp * PW, n, out, ld);
     return flagged;

@@ -23,3 +23,4 @@ typedef __m512 vf;
         _mm512_storeu_pd((p) + 8, _mm512_add_pd(_mm512_loadu_pd((p) + 8), \
                                                 _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))))); \
     } while (0)
+#define VSQRT_D(v) ((vdh)_mm512_sqrt_pd((__m512d)(v)))     /* 8 float64 square roots, correctly rounded */
