@@ -387,6 +387,7 @@ def test_native_passes_do_not_depend_on_threads(monkeypatch):
     _same_dynamics(*runs)
 
 
-def test_float64_history_is_a_clear_error():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int16, torch.int32])   # int: same widths as bf16 / fp32
+def test_other_dtype_history_is_a_clear_error(dtype):
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        dynamics.history_dynamics(torch.zeros(2, 3, 4, dtype=torch.float64), [0.1], "chebyshev", device="cpu")
+        dynamics.history_dynamics(torch.zeros(2, 3, 4, dtype=dtype), [0.1], "chebyshev", device="cpu")

@@ -54,7 +54,8 @@ import torch
 
 from embdist import rows
 from embdist import _dynamics_native
-from embdist._dynamics_native import _DT    # element codes of kernels_dynamics.c
+from embdist.pairwise._common import DTYPE_CODES as _DT    # the dtypes the kernels read
+from embdist.pairwise._radius import dynamics_lib as _native_lib
 
 METRICS = ("chebyshev", "euclidean")
 SMALL_V = 4096          # up to this many tokens the components come from per-step matrices
@@ -105,11 +106,6 @@ def lattice_units(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
 
 
 _UINT = {2: np.uint16, 4: np.uint32}
-
-
-def _native_lib():
-    from embdist.pairwise._radius import dynamics_lib
-    return dynamics_lib()
 
 
 _EXP = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
@@ -220,11 +216,11 @@ class Tracker:
         c, v, _ = x.shape
         if c == 0:
             return
-        if x.element_size() not in _UINT:
+        if x.dtype not in _DT:
             raise ValueError(f"the dynamics need a float32, bfloat16 or float16 history, not {x.dtype}")
         bits = rows.canonical_bits(x)                     # canonical row words (-0.0 -> +0.0)
         elem = bits.view(_UINT[x.element_size()]).reshape(c, v, -1)
-        lib = _native_lib() if x.dtype in _DT else None
+        lib = _native_lib()
         if lib is not None:
             labels, changed, differs0, disp = _dynamics_native.steps(self, lib, x, bits, elem)
         else:
@@ -290,7 +286,7 @@ class Tracker:
     def _components(self, x: torch.Tensor, labels: np.ndarray, dist, changed: np.ndarray | None = None) -> None:
         if not self.thresholds:
             return
-        lib = _native_lib() if x.dtype in _DT else None
+        lib = _native_lib()
         if lib is not None:
             return _dynamics_native.components(self, lib, x, labels, changed)
         c, v, _ = x.shape
