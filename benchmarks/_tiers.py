@@ -48,14 +48,19 @@ def strip_arg(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def child_env(tier: str, matched: bool) -> tuple[dict, str | None]:
-    """The environment of a tier's child and the MKL ISA it is limited to (None: native)."""
-    env = dict(os.environ, EMBDIST_KERNELS=tier)
+def mkl_env(isa: str | None) -> dict:
+    """This process's environment with MKL limited to ``isa`` (None: MKL's native choice)."""
+    env = dict(os.environ)
     env.pop("MKL_ENABLE_INSTRUCTIONS", None)
-    isa = MKL_ISA.get(tier) if matched else None
     if isa:
         env["MKL_ENABLE_INSTRUCTIONS"] = isa
-    return env, isa
+    return env
+
+
+def child_env(tier: str, matched: bool) -> tuple[dict, str | None]:
+    """The environment of a tier's child and the MKL ISA it is limited to (None: native)."""
+    isa = MKL_ISA.get(tier) if matched else None
+    return dict(mkl_env(isa), EMBDIST_KERNELS=tier), isa
 
 
 def run_children(script: str, argv: list[str], tiers: list[str], extra, matched: bool = True):
@@ -86,11 +91,7 @@ print(json.dumps({{"s": best}}))
 def native_matmul_s(n: int, d: int, isa: str | None = None, repeat: int = 2) -> float | None:
     """Best wall seconds of one float32 X @ X.T (n x d) in a fresh process with MKL limited to
     ``isa`` (None: native), or None if that process failed."""
-    env = dict(os.environ)
-    env.pop("MKL_ENABLE_INSTRUCTIONS", None)
-    if isa:
-        env["MKL_ENABLE_INSTRUCTIONS"] = isa
-    p = subprocess.run([sys.executable, "-c", _MM_CHILD.format(n=n, d=d, rep=repeat)], env=env, text=True,
+    p = subprocess.run([sys.executable, "-c", _MM_CHILD.format(n=n, d=d, rep=repeat)], env=mkl_env(isa), text=True,
                        capture_output=True)
     if p.returncode != 0:
         return None

@@ -197,8 +197,6 @@ def main() -> int:
                     help="rows of the faiss peer row (0: skip it; faiss L-inf takes ~140 s at 2,000 x 2,560 here)")
     a = ap.parse_args()
     if a.tiers:
-        sys.path.insert(0, str(Path(__file__).parent))
-        import _tiers
         return main_tiers(a)
     torch.set_num_threads(torch.get_num_threads())
     print(f"# bench_vocab: {platform.node()} {platform.processor() or platform.machine()}, "

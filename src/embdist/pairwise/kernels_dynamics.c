@@ -66,12 +66,8 @@ static inline double dyn_scale(float f) {
  * float64 difference of two bf16 values times a power of two); 0 otherwise */
 static inline double dyn_units_other(uint16_t x, uint16_t y) {
     const uint32_t bx = (uint32_t)x << 16, by = (uint32_t)y << 16;
-    float fx, fy; memcpy(&fx, &bx, 4); memcpy(&fy, &by, 4);
-    const int64_t e = (x >> 7) & 0xFF;
-    const uint64_t sb = (uint64_t)(134 - (e > 1 ? e : 1) + 1023) << 52;
-    double sc; memcpy(&sc, &sb, 8);
-    const double u = fabs((double)fy - (double)fx) * sc;
-    return ((x ^ y) >= 0x80) ? u : 0.0;
+    float fx, fy; memcpy(&fx, &bx, 4); memcpy(&fy, &by, 4);   /* fx's exponent field is x's */
+    return ((x ^ y) >= 0x80) ? fabs((double)fy - (double)fx) * dyn_scale(fx) : 0.0;
 }
 
 static double dyn_units_row(const void *p, const void *q, int dt, int64_t off, int64_t d) {
