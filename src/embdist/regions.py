@@ -192,8 +192,9 @@ def _detect(lat, lon, r, *, scales=DEFAULT_SCALES, degree: int = 6, min_signific
     u = unit_vectors(lat[rows], lon[rows])
     tree = cKDTree(u)
     bg = Background(degree)
-    sky = (u, rows, lat, lon, r, tree)
-    screen = _Screen(u, r[rows])
+    ru = r[rows]
+    sky = (u, rows, lat, lon, r, ru, tree)
+    screen = _Screen(u, ru, tree)
     regions: list[Region] = []
     counts = {}  # cap counts per scale: the same in every iteration, only the background moves
     previous = None
@@ -303,10 +304,12 @@ class _Screen:
     structure that spans every r; each is rejected in O(subsample) work and does not count
     against the candidates tried.  Those that pass are tested again on every row by _region."""
 
-    def __init__(self, u, ru, seed: int = 0):
+    def __init__(self, u, ru, tree, seed: int = 0):
         n = len(u)
-        keep = np.arange(n) if n <= SCREEN_ROWS else np.sort(
-            np.random.default_rng(seed).choice(n, SCREEN_ROWS, replace=False))
+        if n <= SCREEN_ROWS:                  # every row: the sky's own arrays and tree
+            self.f, self.u, self.ru, self.tree = 1.0, u, ru, tree
+            return
+        keep = np.sort(np.random.default_rng(seed).choice(n, SCREEN_ROWS, replace=False))
         self.f = len(keep) / n
         self.u, self.ru = u[keep], ru[keep]
         self.tree = cKDTree(self.u)
@@ -346,8 +349,8 @@ def _dense(up: np.ndarray, rho: float, expected: np.ndarray, core_sig: float, pe
 
 
 def _region(c, theta, sky, bg, core_sig, max_r_fraction: float = 1.0) -> Region | None:
-    u, rows, lat, lon, r, tree = sky
-    got = _r_range(c, theta, u, r[rows], tree, bg)
+    u, rows, lat, lon, r, ru, tree = sky
+    got = _r_range(c, theta, u, ru, tree, bg)
     if got is None or got[5] > max_r_fraction:  # not compact in r: rejected before any core is grown
         return None
     idx, near, r_ann, lo, hi, core_share = got
