@@ -13,7 +13,7 @@ typedef __m256 vf;
 #define GNV 2
 /* 4 chains of 16 per float64 flush (bound gamma_19 instead of gamma_17, see kernels.c): with 16
  * registers the flush (widening conversions, float64 adds, the parked partial) is a tenth of a
- * 32-product block, and halving it is measured 8-10% faster here; avx512 keeps 2 */
+ * 32-product block; halving it measured 1-8% faster here, end to end; avx512 keeps 2 */
 #ifndef GNCH
 #define GNCH 4
 #endif
