@@ -347,10 +347,11 @@ static double memo_sq(memo_t *tab, const void *x, int dt, int64_t d, int64_t n, 
  * the NV column vectors bv[v] of bk, broadcast each of the R row values of ak as s, and run
  * BODY for every (r, v).  UNROLL: the loop's unroll pragma. */
 #define EMB_PRAGMA(x) _Pragma(#x)
+#define TS_NVMAX (GNVMAX > CNV ? GNVMAX : CNV)
 #define TILE_STEPS(UNROLL, K, R, NV, ak, bk, BODY)                                        \
     EMB_PRAGMA(GCC unroll UNROLL)                                                          \
     for (int64_t k_ = 0; k_ < (K); k_++, ak += PW, bk += PW) {                             \
-        vf bv[NV];                                                                         \
+        vf bv[TS_NVMAX];   /* fixed size: a runtime NV would make a stack VLA */       \
         for (int v = 0; v < (NV); v++) bv[v] = vload(bk + v * VW);                         \
         for (int r = 0; r < (R); r++) {                                                    \
             const vf s = vset1(ak[r]);                                                     \
