@@ -83,13 +83,13 @@ static void engine(const float *x, int64_t n, int64_t d, uint64_t *he, uint64_t 
     for (int64_t i = 0; i < n * d; i++) mx = fabsf(x[i]) > mx ? fabsf(x[i]) : mx;
     int e = 0;
     if (mx > 0) { frexp(mx, &e); e = e > 120 ? 120 : (e < -120 ? -120 : e); }
-    emb_pack_panels(x, n, d, dp, NULL, ldexp(1.0, -e), packed, 0, npan, norms);
+    emb_pack(x, 0, n, d, dp, NULL, ldexp(1.0, -e), packed, 0, npan, norms);
     for (int64_t i = 0; i < npan * PW; i++) rn[i] = sqrt(norms[i]);
     for (int64_t i = 0; i < n; i++) {
         groups[i] = i;
         for (int64_t j = 0; j < i; j++) if (same_row(x, d, i, j)) { groups[i] = groups[j]; break; }
     }
-    const double u = 0x1p-24, e53 = 0x1p-53, gam = (GCH + GNCH - 1) * u / (1 - (GCH + GNCH - 1) * u);   /* gamma_(chain + chains - 1) */
+    const double u = 0x1p-24, e53 = 0x1p-53, gam = GBOUND * u / (1 - GBOUND * u);   /* gamma_(chain + log2 chains): the chains summed pairwise */
     const double prm[8] = {2 * gam + 2.02 * (double)(dp / GBLK) * e53 + 1.02 * 2 * e53, 1.01 * (double)(d + 1) * e53 + 2 * e53,
                            (double)dp * 0x1p-148, 1.0 / (2 * 1.5e-6), u * (1 + 2 * u), sqrt((double)d) * 0x1p-149,
                            3e-7 * 3e-7, ldexp(1.0, 2 * e)};
@@ -99,7 +99,7 @@ static void engine(const float *x, int64_t n, int64_t d, uint64_t *he, uint64_t 
             for (int64_t cp0 = rp0; cp0 < npan; cp0 += 16) {
                 const int64_t ncp = npan - cp0 < 16 ? npan - cp0 : 16;
                 if (kind == 0)
-                    emb_euclid_block(packed, dp, n, d, x, rp0 * PW, nrp, cp0 * PW, ncp, scr, norms, rn, groups, NULL, 0,
+                    emb_euclid_block(packed, dp, n, d, x, 0, rp0 * PW, nrp, cp0 * PW, ncp, scr, norms, rn, groups, NULL, 0,
                                      prm, out, n);
                 else if (kind == 1) emb_cheb_block(packed, dp, n, (float *)scr, rp0 * PW, nrp, cp0 * PW, ncp, out, n);
                 else emb_l1_block(packed, dp, n, scr, rp0 * PW, nrp, cp0 * PW, ncp, out, n);
@@ -128,7 +128,7 @@ static void engine(const float *x, int64_t n, int64_t d, uint64_t *he, uint64_t 
             }
         uint64_t h = hash_bytes(0xcbf29ce484222325ULL, out, sizeof(float) * (size_t)(n * n));
         if (kind == 0) *he ^= h; else if (kind == 1) *hc ^= h; else *hl ^= h;
-        if (kind == 0) emb_pack_panels(x, n, d, dp, NULL, 1.0, packed, 0, npan, NULL);   /* unscaled for cheb/l1 */
+        if (kind == 0) emb_pack(x, 0, n, d, dp, NULL, 1.0, packed, 0, npan, NULL);   /* unscaled for cheb/l1 */
     }
     free(packed); free(norms); free(rn); free(groups); free(out); free(scr);
 }

@@ -83,9 +83,9 @@ CPU (default when the native kernels build): ``kernels.c`` driven from Python th
   + (d/32) 2**-53 sum|a_k b_k| + d 2**-150 (underflow), and sum|a_k b_k| <= |a||b|
   (Cauchy-Schwarz).  Adding the float64 roundings of the norms and of |a|^2+|b|^2-2G gives
   a bound E = c1 |a||b| + c2 (|a|^2+|b|^2) + c3 on the error of d^2, c1 ~ 2 gamma_17 = 2.0e-6.
-  The avx2 tier sums 4 chains per float64 flush (half the flushes; its 16 registers make the
-  flush a tenth of the work): gamma_19, c1 ~ 2.3e-6; the tier reports its shape
-  (``_cpu.gram_shape``) and the constants follow it.
+  The avx2 tier sums 8 chains per float64 flush, pairwise (a quarter of the flushes; its 16
+  registers make the flush a tenth of the work): each product then passes 16 + 3 roundings,
+  gamma_19, c1 ~ 2.3e-6; the tier reports m (``_cpu.gram_shape``) and the constants follow it.
   The relative error of d = sqrt(d^2) is <= E / (2 d^2), so every pair with
   d^2 <= E / (2 * 1.5e-6) -- roughly: centred cosine > 0.66 -- is recomputed directly:
   float64 sum of float64 squared differences of the original rows (relative error
@@ -209,21 +209,22 @@ def pairwise(x: torch.Tensor, metric: str = "euclidean", *, device: str = "auto"
     if x.shape[1] == 0:          # all rows are the empty vector: identical
         out.zero_()
         return out
-    x32 = C.to_f32_cpu(x)
     lib = _native_lib(dev)
     if lib is not None and _row_major(out):
         from . import _cpu
+        xs = C.stored_cpu(x)         # the kernels read bf16 / fp16 as stored: no float32 copy
         with _bar(progress, _cpu.n_items(n), f"pairwise {metric}") as bar:
             if metric in ("euclidean", "sqeuclidean", "cosine"):
-                groups = rows.row_groups(x, nan_equal=False)
+                groups = rows.row_groups(xs, nan_equal=False)
                 if metric == "cosine":
-                    xn, zero_rows = _normalize_rows(x32)
+                    xn, zero_rows = _normalize_rows(C.to_f32_cpu(xs))
                     _cpu.euclid_like(lib, xn, groups, out, "cosine", bar, zero_rows=zero_rows)
                 else:
-                    _cpu.euclid_like(lib, x32, groups, out, metric, bar)
+                    _cpu.euclid_like(lib, xs, groups, out, metric, bar)
             else:
-                _cpu.direct_metric(lib, x32, out, metric, bar)
+                _cpu.direct_metric(lib, xs, out, metric, bar)
         return out
+    x32 = C.to_f32_cpu(x)
     if metric in ("euclidean", "sqeuclidean", "cosine"):
         groups = rows.row_groups(x, nan_equal=False)
         with _bar(progress, _generic.n_work_euclid(n, dev), f"pairwise {metric}") as bar:

@@ -75,6 +75,12 @@ def check_input(x: torch.Tensor, ndim: int, what: str) -> torch.Tensor:
     return x
 
 
+def stored_cpu(x: torch.Tensor) -> torch.Tensor:
+    """x C-contiguous on the CPU in its stored dtype (one of INPUT_DTYPES, which the native
+    kernels read as is)."""
+    return x.detach().to("cpu").contiguous()
+
+
 def to_f32_cpu(x: torch.Tensor) -> torch.Tensor:
     """float32, C-contiguous, on the CPU (exact conversion from bf16/fp16)."""
     return x.detach().to("cpu", torch.float32).contiguous()

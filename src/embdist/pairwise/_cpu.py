@@ -105,39 +105,44 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def centre(lib, x32: torch.Tensor):
-    """Column means (float64 sums, rounded to float32) and max |fl(x - mu)|, in C on the threads."""
-    n, d = x32.shape
+def centre(lib, x: torch.Tensor):
+    """Column means (float64 sums, rounded to float32) and max |fl(x - mu)|, in C on the threads;
+    x (N, d) contiguous on the CPU in its stored dtype (float32, bfloat16 or float16)."""
+    n, d = x.shape
+    dt = C.DTYPE_CODES[x.dtype]
     step = max(1, -(-n // (4 * n_threads())))
     ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
     parts = [np.zeros(d, dtype=np.float64) for _ in ranges]
     run_parallel(list(range(len(ranges))),
-                 lambda k: lib.emb_col_sums(_ptr(x32), n, d, ranges[k][0], ranges[k][1], _ptr(parts[k])))
+                 lambda k: lib.emb_col_sums(_ptr(x), dt, n, d, ranges[k][0], ranges[k][1], _ptr(parts[k])))
     mu = torch.from_numpy((np.sum(parts, axis=0) / n).astype(np.float32))
     mx = [0.0] * len(ranges)
 
     def amax(k):
-        mx[k] = lib.emb_centred_absmax(_ptr(x32), n, d, _ptr(mu), ranges[k][0], ranges[k][1])
+        mx[k] = lib.emb_centred_absmax(_ptr(x), dt, n, d, _ptr(mu), ranges[k][0], ranges[k][1])
 
     run_parallel(list(range(len(ranges))), amax)
     return mu, max(mx)
 
 
-def gram_shape(lib) -> tuple[int, int]:
-    """(products per float32 chain, chains per float64 flush) of the tier's gram (kernels.c)."""
+def gram_shape(lib) -> tuple[int, int, int]:
+    """(products per float32 chain, chains per float64 flush, m) of the tier's gram (kernels.c):
+    its float32 part errs by <= gamma_m sum|a_k b_k| per flush."""
     s = int(lib.emb_gram_shape())
-    return s & 0xFF, s >> 8
+    return s & 0xFF, (s >> 8) & 0xFF, s >> 16
 
 
 def padded_depth(lib, d: int) -> int:
     """d rounded up to whole float64 flushes of the tier's gram (padding adds exact zeros)."""
-    ch, nch = gram_shape(lib)
+    ch, nch, _ = gram_shape(lib)
     blk = ch * nch
     return max(blk, -(-d // blk) * blk)
 
 
-def pack(lib, x32: torch.Tensor, mu: torch.Tensor | None, scale: float, want_norms: bool):
-    n, d = x32.shape
+def pack(lib, x: torch.Tensor, mu: torch.Tensor | None, scale: float, want_norms: bool):
+    """Panels of fl(fl(x - mu) * scale) in float32 (kernels.c, "packing"), x in its stored dtype."""
+    n, d = x.shape
+    dt = C.DTYPE_CODES[x.dtype]
     dp = padded_depth(lib, d)
     npan = -(-n // PW)
     packed = torch.empty(npan * dp * PW + 16, dtype=torch.float32)
@@ -146,7 +151,7 @@ def pack(lib, x32: torch.Tensor, mu: torch.Tensor | None, scale: float, want_nor
     step = max(1, (1 << 20) // (dp * PW))
     mu_p = _ptr(mu) if mu is not None else None
     run_parallel([(p, min(npan, p + step)) for p in range(0, npan, step)],
-                 lambda r: lib.emb_pack_panels(_ptr(x32), n, d, dp, mu_p, scale, _ptr(packed), r[0], r[1],
+                 lambda r: lib.emb_pack(_ptr(x), dt, n, d, dp, mu_p, scale, _ptr(packed), r[0], r[1],
                                                _ptr(norms) if norms is not None else None))
     return packed, dp, norms
 
@@ -167,13 +172,12 @@ def n_items(n: int) -> int:
 
 
 # Bound constants of the native GEMM (see the package docstring, "Euclidean error bound").
-# The gram's float32 part errs by gamma_m sum|a_k b_k| per flush, m = chain + chains - 1 (17 for
-# 2 chains of 16, 19 for avx2's 4): the shape comes from the library itself.
+# The gram's float32 part errs by gamma_m sum|a_k b_k| per flush, m = chain + log2(chains) (the
+# chains are summed pairwise: 17 for 2 chains of 16, 19 for avx2's 8): the library reports m.
 def euclid_params(lib, d: int, dp: int, inv_scale2: float) -> np.ndarray:
     u = C.U32
     e = C.U64
-    ch, nch = gram_shape(lib)
-    m = ch + nch - 1
+    ch, nch, m = gram_shape(lib)
     gm = m * u / (1.0 - m * u)
     nblk = dp // (ch * nch)
     c1 = 2.0 * gm + 2.02 * nblk * e + 1.02 * 2.0 * e
@@ -184,15 +188,18 @@ def euclid_params(lib, d: int, dp: int, inv_scale2: float) -> np.ndarray:
                     dtype=np.float64)
 
 
-def euclid_like(lib, x32: torch.Tensor, groups: np.ndarray, out: torch.Tensor, mode: str, bar,
+def euclid_like(lib, x: torch.Tensor, groups: np.ndarray, out: torch.Tensor, mode: str, bar,
                 zero_rows: np.ndarray | None = None) -> int:
-    """Native Euclidean / squared / cosine (x32 normalised) into ``out``; returns #recomputed pairs."""
-    n, d = x32.shape
-    mu, xc_max = centre(lib, x32)
+    """Native Euclidean / squared / cosine (x normalised, float32) into ``out``; x contiguous on
+    the CPU in its stored dtype (no float32 copy: the kernels convert as they read); returns
+    #recomputed pairs."""
+    n, d = x.shape
+    dt = C.DTYPE_CODES[x.dtype]
+    mu, xc_max = centre(lib, x)
     e = 0
     if xc_max > 0 and math.isfinite(xc_max):
         e = max(min(math.frexp(xc_max)[1], 120), -120)
-    packed, dp, norms = pack(lib, x32, mu, 2.0 ** (-e), True)
+    packed, dp, norms = pack(lib, x, mu, 2.0 ** (-e), True)
     rnorms = np.sqrt(norms)
     prm = euclid_params(lib, d, dp, 2.0 ** (2 * e))
     mcode = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}[mode]
@@ -205,8 +212,8 @@ def euclid_like(lib, x32: torch.Tensor, groups: np.ndarray, out: torch.Tensor, m
 
     def one(it):
         r0, nrp, c0, ncp = it
-        cbuf = _scratch.get(nrp * PW * ncp * PW * 12)
-        k = lib.emb_euclid_block(_ptr(packed), dp, n, d, _ptr(x32), r0, nrp, c0, ncp, _ptr(cbuf),
+        cbuf = _scratch.get(nrp * PW * ncp * PW * 8)
+        k = lib.emb_euclid_block(_ptr(packed), dp, n, d, _ptr(x), dt, r0, nrp, c0, ncp, _ptr(cbuf),
                                  _ptr(norms), _ptr(rnorms), _ptr(groups), _ptr(zr) if zr is not None else None,
                                  mcode, _ptr(prm), _ptr(out), ld)
         if k:
@@ -217,12 +224,12 @@ def euclid_like(lib, x32: torch.Tensor, groups: np.ndarray, out: torch.Tensor, m
     return flagged[0]
 
 
-def direct_metric(lib, x32: torch.Tensor, out: torch.Tensor, metric: str, bar) -> None:
-    n, d = x32.shape
-    packed, dp, _ = pack(lib, x32, None, 1.0, False)
+def direct_metric(lib, x: torch.Tensor, out: torch.Tensor, metric: str, bar) -> None:
+    n, d = x.shape
+    packed, dp, _ = pack(lib, x, None, 1.0, False)
     ld = out.stride(0)
     fn = lib.emb_cheb_block if metric == "chebyshev" else lib.emb_l1_block
-    esize = 4 if metric == "chebyshev" else 12
+    esize = 4 if metric == "chebyshev" else 8
 
     def one(it):
         r0, nrp, c0, ncp = it

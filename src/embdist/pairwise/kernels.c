@@ -11,7 +11,7 @@
  * float32 lanes, VSET1, VMAC = multiply-add, VABS, VABSMAX = max(m, |x|), whether the tier has
  * FMA, the tile shapes, and optionally VACC_F64, the float64 widening add of the gram flush, which
  * the generic vector-extension code compiles poorly), in the way SimSIMD arranges its per-ISA kernels.  Everything else -- dtype loads, half-float conversions,
- * constants, row hashing, packing, column sums, the direct float64 sums, the micro-kernels
+ * constants, packing, column sums, the direct float64 sums, the micro-kernels
  * themselves (written once over vf with the ordinary + - * operators, which GCC and Clang
  * accept on __m512 / __m256 / float32x4_t / vector_size types alike), the block drivers and
  * the epilogues -- exists once, in this file and kernels_stream.c.  Why this and not:
@@ -29,15 +29,15 @@
  *
  * Arithmetic contract (identical on every tier unless said otherwise):
  *  - gram:  per GBLK = GNCH * 16 products GNCH float32 chains of 16 multiply-adds from zero
- *           (k0..k0+15, k0+16..k0+31, ...; GNCH = 2, avx2 4: simd_avx2.h says why), added one by
- *           one in float32, then added to a float64 accumulator (the
+ *           (k0..k0+15, k0+16..k0+31, ...; GNCH = 2, avx2 8: simd_avx2.h says why), summed
+ *           pairwise in float32 (GLOG = log2 GNCH levels), then added to a float64 accumulator (the
  *           widening conversion and add spelled per ISA by VACC_F64 where the tier has it: the
  *           same values).  A chain
  *           errs by <= gamma_16 sum|a_k b_k| whether a step is one fused multiply-add (avx512,
  *           avx2, neon: 16 roundings per term at most) or a rounded multiply and a rounded add
  *           (portable: the product's rounding plus at most 15 additions, the first addition to
- *           0 being exact), so |fl(G) - G| <= gamma_(15 + GNCH) sum|a_k b_k| + O(2^-53) (gamma_17,
- *           avx2 gamma_19: the tier reports its shape, emb_gram_shape, and Python's bound uses it);
+ *           0 being exact), so |fl(G) - G| <= gamma_(16 + GLOG) sum|a_k b_k| + O(2^-53) (gamma_17,
+ *           avx2 gamma_19: the tier reports it, emb_gram_shape, and Python's bound uses it);
  *           underflow: one multiplication (or FMA) per product may err by 2^-150 absolutely,
  *           additions of subnormals are exact, which c3 = dp 2^-148 covers.  The values differ
  *           in the last bits between tiers; the proven bound (for the tier's shape) and the
@@ -55,7 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EMB_ABI 10
+#define EMB_ABI 11
 #define PW 32      /* panel width: rows per packed panel (and columns per panel tile) */
 #define FLUSH 16   /* fp32 terms per float64 flush in the l1 / snapshot kernels */
 #define GCH 16     /* gram: multiply-adds per float32 chain */
@@ -92,9 +92,15 @@
 #endif
 
 #ifndef GNCH
-#define GNCH 2     /* gram: chains per float64 flush (a tier's header may set 4: fewer flushes) */
+#define GNCH 2     /* gram: chains per float64 flush, a power of two (a tier's header may set 8) */
 #endif
-#define GBLK (GCH * GNCH)   /* gram: products per float64 flush (bound: gamma_(GCH + GNCH - 1)) */
+/* the chains of a flush are summed pairwise (a binary tree of GLOG levels) */
+#define GLOG (GNCH == 1 ? 0 : GNCH == 2 ? 1 : GNCH == 4 ? 2 : GNCH == 8 ? 3 : GNCH == 16 ? 4 : -1)
+#if GLOG < 0
+#error "GNCH must be 1, 2, 4, 8 or 16"
+#endif
+#define GBLK (GCH * GNCH)   /* gram: products per float64 flush */
+#define GBOUND (GCH + GLOG) /* gram: the float32 part errs by <= gamma_GBOUND sum|a_k b_k| per flush */
 #define GNC (GNV * VW)   /* gram: columns per tile */
 #ifndef GREM_NV
 #define GREM_NV GNV      /* gram: vectors per row of the tile of the PW % GMR rows left in a panel */
@@ -124,8 +130,8 @@ EMB_INLINE vf vsqacc(vf acc, vf t) { return vsqacc_exact(acc, t); }
 int emb_abi(void) { return EMB_ABI; }
 int emb_has_avx512(void) { return EMB_AVX512; }
 const char *emb_tier(void) { return EMB_TIER_NAME; }
-/* the gram's summation shape, for the bound on the Python side: GCH | GNCH << 8 */
-int emb_gram_shape(void) { return GCH | GNCH << 8; }
+/* the gram's summation shape, for the bound on the Python side: GCH | GNCH << 8 | GBOUND << 16 */
+int emb_gram_shape(void) { return GCH | GNCH << 8 | GBOUND << 16; }
 
 /* ------------------------------------------------------------------ generic vector helpers */
 typedef double vd __attribute__((vector_size(VW * 8)));   /* VW float64 lanes */
@@ -198,57 +204,47 @@ EMB_INLINE float ld_f32(const void *x, const int dt, int64_t idx) {
     do { if ((dt) == 0) { const int DT = 0; CALL; } else if ((dt) == 1) { const int DT = 1; CALL; } \
          else { const int DT = 2; CALL; } } while (0)
 
-/* ------------------------------------------------------------------ row hashing
- * A hash of the canonical bits of the stored values (-0.0 == 0.0); equal hashes are verified
- * elementwise by the callers, so only speed depends on it. */
+/* ------------------------------------------------------------------ hashing
+ * mix64: the finaliser of the hash tables (the memos here, kernels_stream.c, kernels_dynamics.c);
+ * row identity itself is embdist.rows */
 static inline uint64_t mix64(uint64_t z) {
     z ^= z >> 33; z *= 0xff51afd7ed558ccdULL;
     z ^= z >> 33; z *= 0xc4ceb9fe1a85ec53ULL;
     z ^= z >> 33; return z;
 }
-static inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-
-EMB_INLINE void row_hash_t(const void *x, const int dt, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
-    const uint64_t P = 0x9E3779B97F4A7C15ULL;
-    for (int64_t i = r0; i < r1; i++) {
-        uint64_t h0 = 0x243F6A8885A308D3ULL, h1 = 0x13198A2E03707344ULL;
-        for (int64_t k = 0; k < d; k++) {
-            uint64_t b;
-            if (dt == 0) { uint32_t u; memcpy(&u, (const float *)x + i * d + k, 4); b = (u & 0x7fffffffu) ? u : 0; }
-            else { uint16_t u = ((const uint16_t *)x)[i * d + k]; b = (u & 0x7fffu) ? u : 0; }
-            if (k & 1) h1 = rotl((h1 ^ b) * P, 29); else h0 = rotl((h0 ^ b) * P, 29);
-        }
-        out[i] = mix64(h0 ^ rotl(h1, 31) ^ (uint64_t)d);
-    }
-}
-
-void emb_stream_row_hash(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
-    (void)n;
-    if (dt == 0) row_hash_t(x, 0, d, r0, r1, out); else row_hash_t(x, 1, d, r0, r1, out);
-}
-void emb_row_hash(const float *x, int64_t n, int64_t d, int64_t r0, int64_t r1, uint64_t *out) {
-    emb_stream_row_hash(x, 0, n, d, r0, r1, out);
-}
 
 /* ------------------------------------------------------------------ centring helpers */
-void emb_stream_col_sums(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
+void emb_col_sums(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
     (void)n;
     DT_DISPATCH(dt, for (int64_t i = r0; i < r1; i++)
                         for (int64_t k = 0; k < d; k++) acc[k] += (double)ld_f32(x, DT, i * d + k));
 }
-void emb_col_sums(const float *x, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
-    emb_stream_col_sums(x, 0, n, d, r0, r1, acc);
-}
 
-double emb_centred_absmax(const float *x, int64_t n, int64_t d, const float *mu, int64_t r0, int64_t r1) {
-    (void)n;
-    float m = 0.0f;
-    for (int64_t i = r0; i < r1; i++)
-        for (int64_t k = 0; k < d; k++) {
-            float v = fabsf(x[i * d + k] - mu[k]);
-            m = v > m ? v : m;
+/* max |fl(x - mu)| over rows [r0, r1), x in its stored dtype; 8 lanes (a > m ? a : m ignores
+ * NaN in every lane, so the lanes change the speed, not the result) */
+EMB_INLINE double centred_absmax_t(const void *x, const int dt, int64_t d, const float *mu, int64_t r0, int64_t r1) {
+    float m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = r0; i < r1; i++) {
+        int64_t k = 0;
+        for (; k + 8 <= d; k += 8)
+            for (int l = 0; l < 8; l++) {
+                const float a = fabsf(ld_f32(x, dt, i * d + k + l) - mu[k + l]);
+                m[l] = a > m[l] ? a : m[l];
+            }
+        for (; k < d; k++) {
+            const float a = fabsf(ld_f32(x, dt, i * d + k) - mu[k]);
+            m[0] = a > m[0] ? a : m[0];
         }
-    return (double)m;
+    }
+    float r = 0.0f;
+    for (int l = 0; l < 8; l++) r = m[l] > r ? m[l] : r;
+    return (double)r;
+}
+double emb_centred_absmax(const void *x, int64_t dt, int64_t n, int64_t d, const float *mu, int64_t r0, int64_t r1) {
+    (void)n;
+    double r;
+    DT_DISPATCH(dt, r = centred_absmax_t(x, DT, d, mu, r0, r1));
+    return r;
 }
 
 /* ------------------------------------------------------------------ packing
@@ -257,34 +253,43 @@ double emb_centred_absmax(const float *x, int64_t n, int64_t d, const float *mu,
  * dtype.  norms[i] = float64 sum of squares of the packed row (exact values of what the GEMM sees). */
 EMB_INLINE void pack_t(const void *x, const int dt, int64_t n, int64_t d, int64_t dp, const float *mu, float s,
                        float *packed, int64_t p0, int64_t p1, double *norms) {
+    /* KB columns of the panel's rows at a time, so the KB destination lines (k-major) stay in
+     * L1 while the PW rows are read (row by row over all of d, every store missed L1: the
+     * pack took 8 cycles an element); each norm in 8 float64 lanes added in a fixed order (as
+     * direct_sq_t), the same on every tier */
+    enum { KB = 16 };
     for (int64_t p = p0; p < p1; p++) {
         float *dst = packed + p * dp * PW;
-        for (int64_t j = 0; j < PW; j++) {
-            int64_t i = p * PW + j;
-            double acc = 0.0;
-            if (i < n) {
-                for (int64_t k = 0; k < d; k++) {
+        double acc[PW][8];
+        memset(acc, 0, sizeof acc);
+        for (int64_t k0 = 0; k0 < d; k0 += KB) {
+            const int64_t ke = k0 + KB < d ? k0 + KB : d;
+            for (int64_t j = 0; j < PW; j++) {
+                const int64_t i = p * PW + j;
+                if (i >= n) {
+                    for (int64_t k = k0; k < ke; k++) dst[k * PW + j] = 0.0f;
+                    continue;
+                }
+                for (int64_t k = k0; k < ke; k++) {
                     float v = ld_f32(x, dt, i * d + k);
                     if (mu) v = v - mu[k];
                     v = v * s;
                     dst[k * PW + j] = v;
-                    acc += (double)v * (double)v;
+                    acc[j][k & 7] += (double)v * (double)v;
                 }
-                if (norms) norms[i] = acc;
-            } else {
-                for (int64_t k = 0; k < d; k++) dst[k * PW + j] = 0.0f;
             }
-            for (int64_t k = d; k < dp; k++) dst[k * PW + j] = 0.0f;
         }
+        for (int64_t k = d; k < dp; k++) memset(dst + k * PW, 0, sizeof(float) * PW);
+        if (norms)
+            for (int64_t j = 0; j < PW && p * PW + j < n; j++) {
+                const double *a = acc[j];
+                norms[p * PW + j] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            }
     }
 }
-void emb_stream_pack(const void *x, int64_t dt, int64_t n, int64_t d, int64_t dp, const float *mu, double scale,
+void emb_pack(const void *x, int64_t dt, int64_t n, int64_t d, int64_t dp, const float *mu, double scale,
                      float *packed, int64_t p0, int64_t p1, double *norms) {
     DT_DISPATCH(dt, pack_t(x, DT, n, d, dp, mu, (float)scale, packed, p0, p1, norms));
-}
-void emb_pack_panels(const float *x, int64_t n, int64_t d, int64_t dp, const float *mu, double scale,
-                     float *packed, int64_t p0, int64_t p1, double *norms) {
-    emb_stream_pack(x, 0, n, d, dp, mu, scale, packed, p0, p1, norms);
 }
 
 /* ------------------------------------------------------------------ direct float64 sums
@@ -310,11 +315,6 @@ static double direct_sq(const void *x, int dt, int64_t d, int64_t i, int64_t j) 
     return r;
 }
 
-void emb_direct_sq(const float *x, int64_t n, int64_t d, const int64_t *ii, const int64_t *jj,
-                   int64_t m, double *out) {
-    (void)n;
-    for (int64_t t = 0; t < m; t++) out[t] = direct_sq_t(x, 0, d, ii[t], jj[t]);
-}
 
 /* Direct recomputation of a flagged pair through the representatives a < b of the two rows'
  * duplicate groups (identical rows give identical sums), memoised per work item: a pair of
@@ -368,21 +368,28 @@ EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNVMAX], 
 }
 
 /* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < NV * VW; kc % GBLK == 0.
- * Per GBLK products: GNCH chains of GCH, each from zero, added one by one in float32 to the
- * block's partial s (parked while the next chain runs), and s added to the float64 tile once:
- * |fl(block) - block| <= gamma_(GCH + GNCH - 1) sum|a_k b_k| (see the header). */
+ * Per GBLK products: GNCH chains of GCH, each from zero, summed pairwise in float32 as they
+ * come (a binary counter: chain q merges with the parked sums of the 1, 2, 4, ... chains before
+ * it while bit l of q is set), so every product passes GCH + GLOG roundings and the sum is added
+ * to the float64 tile once: |fl(block) - block| <= gamma_GBOUND sum|a_k b_k| (see the header).
+ * Pairwise, 8 chains per flush cost the bound of 4 chains added one by one. */
 EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R,
                             const int NV) {
     for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
-        vf s[GMR][GNVMAX], c[GMR][GNVMAX];
-        gram_chain(a + k0 * PW, b + k0 * PW, s, R, NV);
-        for (int q = 1; q < GNCH; q++) {
+        vf park[GLOG > 0 ? GLOG : 1][GMR][GNVMAX], c[GMR][GNVMAX];
+        EMB_PRAGMA(GCC unroll 1)      /* one copy of the chain: unrolled, 8 chains overflow the uop cache */
+        for (int q = 0; q < GNCH; q++) {
             gram_chain(a + (k0 + q * GCH) * PW, b + (k0 + q * GCH) * PW, c, R, NV);
-            for (int r = 0; r < R; r++)
-                for (int v = 0; v < NV; v++) s[r][v] = s[r][v] + c[r][v];
+            int l = 0;
+            for (; (q >> l) & 1; l++)
+                for (int r = 0; r < R; r++)
+                    for (int v = 0; v < NV; v++) c[r][v] = park[l][r][v] + c[r][v];
+            if (q < GNCH - 1)
+                for (int r = 0; r < R; r++)
+                    for (int v = 0; v < NV; v++) park[l][r][v] = c[r][v];
         }
         for (int r = 0; r < R; r++)
-            for (int v = 0; v < NV; v++) vacc_f64(C + r * ldc + v * VW, s[r][v]);
+            for (int v = 0; v < NV; v++) vacc_f64(C + r * ldc + v * VW, c[r][v]);
     }
 }
 /* GMR rows, and the PW % GMR rows left at the end of a panel (GMR need not divide PW) */
@@ -467,7 +474,9 @@ static void l1_block(const float *packed, int64_t dp, int64_t r0, int64_t nrp, i
 static const float F32_TINY = 1.40129846e-45f; /* smallest positive subnormal */
 
 /* out[j][i] = R[i - r0][j - c0] for the pairs i < j of the block (the lower-triangle mirror),
- * written as contiguous runs along i: no strided single-float stores. */
+ * written as contiguous runs along i: no strided single-float stores.  R: the block's values,
+ * Chebyshev's float32 tile, else the block's rows of out just written (still in cache; a copy
+ * in the scratch measured no faster and cost 4 bytes a pair of it). */
 static void mirror_block(const float *R, int64_t ldr, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                          int64_t n, float *out, int64_t ld) {
     const int64_t rend = r0 + nr < n ? r0 + nr : n, cend = c0 + nc < n ? c0 + nc : n;
@@ -480,16 +489,17 @@ static void mirror_block(const float *R, int64_t ldr, int64_t r0, int64_t nr, in
     }
 }
 
-/* a flagged pair (i, j) of the engine (float32 rows): direct, through the group representatives */
-static double flagged_sq(memo_t *tab, const float *x, int64_t d, int64_t n, int64_t i, int64_t j,
+/* a flagged pair (i, j) of the engine (x in its stored dtype dt): direct, through the group
+ * representatives */
+static double flagged_sq(memo_t *tab, const void *x, int dt, int64_t d, int64_t n, int64_t i, int64_t j,
                          const int64_t *groups) {
     const int64_t gi = groups[i], gj = groups[j];
-    if (gi == i && gj == j) return direct_sq_t(x, 0, d, i, j);   /* no other member */
-    return memo_sq(tab, x, 0, d, n, gi, gj);
+    if (gi == i && gj == j) return direct_sq(x, dt, d, i, j);   /* no other member */
+    return memo_sq(tab, x, dt, d, n, gi, gj);
 }
 
 /* params: c1, c2, c3, inv2tol, u, c4, ct2, inv_scale2 (double[8]) */
-int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, const float *x,
+int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, const void *x, int64_t dt,
                          int64_t r0, int64_t nrp, int64_t c0, int64_t ncp, double *C,
                          const double *norms, const double *rnorms, const int64_t *groups,
                          const uint8_t *zero_rows, int64_t mode, const double *prm, float *out,
@@ -499,7 +509,6 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
     return 0;
 #endif
     const int64_t ldc = ncp * PW;
-    float *R = (float *)(C + nrp * PW * ldc);   /* scratch holds C (float64) then R (float32) */
     const double c1 = prm[0], c2 = prm[1], c3 = prm[2], inv2tol = prm[3], u = prm[4], c4 = prm[5],
                  ct2 = prm[6], isc2 = prm[7];
     int64_t flagged = 0;
@@ -517,7 +526,6 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
         const int zi = zero_rows ? zero_rows[i] : 0;
         const double *Crow = C + r * ldc - c0;
         float *orow = out + i * ld;
-        float *Rrow = R + r * ldc - c0;
         /* VW/2 pairs per step in float64 vectors of one register (vector extensions, every
          * tier), the few flagged lanes recomputed one by one; the rest in the scalar loop */
         const vdh vzero_d = {0};
@@ -539,7 +547,7 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
             d2 = d2 * isc2;
             d2 = (vdh)((vlh)d2 & ~(d2 < 0.0));                       /* max(d2, 0), NaN kept */
             for (int l = 0; l < VW / 2; l++)
-                if (fl[l]) { d2[l] = flagged_sq(memo, x, d, n, i, j + l, groups); flagged++; }
+                if (fl[l]) { d2[l] = flagged_sq(memo, x, (int)dt, d, n, i, j + l, groups); flagged++; }
             if (mode == 0) res = vsqrt_d(d2);
             else if (mode == 1) res = d2;
             else {
@@ -556,7 +564,6 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
             if (mode == 2) z &= __builtin_convertvector(res != 0.0, vih);
             r32 = (vfh)(((vih)r32 & ~z) | ((vih)(vzero_f + F32_TINY) & z));
             memcpy(orow + j, &r32, sizeof r32);
-            memcpy(Rrow + j, &r32, sizeof r32);
         }
         for (; j < cend; j++) {
             double g = Crow[j], nb = norms[j], rb = rnorms[j];
@@ -566,7 +573,7 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
             int same = groups[j] == gi;
             int fl = !same && (d2 <= e * inv2tol || d2 * ct2 <= ce * ce);
             d2 = d2 * isc2; if (d2 < 0) d2 = 0;
-            if (fl) { d2 = flagged_sq(memo, x, d, n, i, j, groups); flagged++; }
+            if (fl) { d2 = flagged_sq(memo, x, (int)dt, d, n, i, j, groups); flagged++; }
             double res;
             if (mode == 0) res = sqrt(d2);
             else if (mode == 1) res = d2;
@@ -578,10 +585,9 @@ int64_t emb_euclid_block(const float *packed, int64_t dp, int64_t n, int64_t d, 
             float r32 = (float)res;
             if (r32 == 0.0f && !same && (mode != 2 || res != 0.0)) r32 = F32_TINY;
             orow[j] = r32;
-            Rrow[j] = r32;
         }
     }
-    mirror_block(R, ldc, r0, nrp * PW, c0, ncp * PW, n, out, ld);
+    mirror_block(out + r0 * ld + c0, ld, r0, nrp * PW, c0, ncp * PW, n, out, ld);
     return flagged;
 }
 
@@ -607,21 +613,18 @@ void emb_cheb_block(const float *packed, int64_t dp, int64_t n, float *C, int64_
 void emb_l1_block(const float *packed, int64_t dp, int64_t n, double *C, int64_t r0, int64_t nrp,
                   int64_t c0, int64_t ncp, float *out, int64_t ld) {
     const int64_t ldc = ncp * PW;
-    float *R = (float *)(C + nrp * PW * ldc);
     l1_block(packed, dp, r0, nrp, c0, ncp, C);
     const int64_t cend = c0 + ncp * PW < n ? c0 + ncp * PW : n;
     for (int64_t r = 0, js; r < nrp * PW && block_row(r0 + r, n, c0, cend, out, ld, &js); r++) {
         const int64_t i = r0 + r;
         const double *Crow = C + r * ldc - c0;
-        float *Rrow = R + r * ldc - c0;
         for (int64_t j = js; j < cend; j++) {
             float v = (float)Crow[j];
             if (v == 0.0f && Crow[j] != 0.0) v = F32_TINY;
             out[i * ld + j] = v;
-            Rrow[j] = v;
         }
     }
-    mirror_block(R, ldc, r0, nrp * PW, c0, ncp * PW, n, out, ld);
+    mirror_block(out + r0 * ld + c0, ld, r0, nrp * PW, c0, ncp * PW, n, out, ld);
 }
 
 /* ------------------------------------------------------------------ snapshots

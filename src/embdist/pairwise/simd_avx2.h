@@ -11,11 +11,12 @@ typedef __m256 vf;
 #define GMR 6
 #endif
 #define GNV 2
-/* 4 chains of 16 per float64 flush (bound gamma_19 instead of gamma_17, see kernels.c): with 16
- * registers the flush (widening conversions, float64 adds, the parked partial) is a tenth of a
- * 32-product block; halving it measured 1-8% faster here, end to end; avx512 keeps 2 */
+/* 8 chains of 16 per float64 flush, summed pairwise (bound gamma_19, as 4 chains added one by
+ * one; see kernels.c): with 16 registers the flush (widening conversions, float64 adds) is a
+ * tenth of a 32-product block; 4 chains one by one measured 1-8% faster than 2 here, end to
+ * end, and 8 pairwise 3-4% faster again (engine blocks, A/B batch by batch); avx512 keeps 2 */
 #ifndef GNCH
-#define GNCH 4
+#define GNCH 8
 #endif
 #ifndef GREM_NV
 #define GREM_NV 4  /* the 2 rows left in a panel: one 2 x 32 tile (8 accumulators, not 2 x 4) */

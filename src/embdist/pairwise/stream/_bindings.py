@@ -29,10 +29,7 @@ class _State(ctypes.Structure):
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SP = ctypes.POINTER(_State)
 _SIGS = {
-    "emb_stream_row_hash": [_P, _I, _I, _I, _I, _I, _P],
-    "emb_stream_col_sums": [_P, _I, _I, _I, _I, _I, _P],
     "emb_stream_extent": [_P, _I, _I, _I, _P, _I, _I, _P],
-    "emb_stream_pack": [_P, _I, _I, _I, _I, _P, _D, _P, _I, _I, _P],
     "emb_stream_nd_bound": [_P, _I, _I, _I, _I, _I, _I, _I, _P],
     "emb_stream_within_steps": [_P, _I, _I, _P, _P, _I, _I, _P],
     "emb_stream_exact": [_P, _I, _I, _I, _P, _P, _I, _P],

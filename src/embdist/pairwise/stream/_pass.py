@@ -32,7 +32,7 @@ def _prepare(lib, x: torch.Tensor, metric: str, pack: bool = True) -> _Prepared:
     dt = DT_CODES[x.dtype]
     chunks = _chunks(n)
     sums = [np.zeros(d) for _ in chunks]
-    _cpu.run_parallel(list(range(len(chunks))), lambda c: lib.emb_stream_col_sums(
+    _cpu.run_parallel(list(range(len(chunks))), lambda c: lib.emb_col_sums(
         _ptr(x), dt, n, d, chunks[c][0], chunks[c][1], _ptr(sums[c])))
     total = np.zeros(d)
     for s in sums:                      # fixed order
@@ -57,10 +57,10 @@ def _prepare(lib, x: torch.Tensor, metric: str, pack: bool = True) -> _Prepared:
         if ext[0] > 0 and math.isfinite(ext[0]):
             e = max(min(math.frexp(ext[0])[1], 120), -120)
         norms = np.zeros(npan * PW)
-        _cpu.run_parallel(pans, lambda r: lib.emb_stream_pack(_ptr(x), dt, n, d, dp, _ptr(mu), 2.0 ** (-e),
+        _cpu.run_parallel(pans, lambda r: lib.emb_pack(_ptr(x), dt, n, d, dp, _ptr(mu), 2.0 ** (-e),
                                                               _ptr(packed), r[0], r[1], _ptr(norms)))
         return _Prepared(packed, dp, norms, np.sqrt(norms), _cpu.euclid_params(lib, d, dp, 2.0 ** (2 * e)), hist_hi)
-    _cpu.run_parallel(pans, lambda r: lib.emb_stream_pack(_ptr(x), dt, n, d, dp, None, 1.0, _ptr(packed),
+    _cpu.run_parallel(pans, lambda r: lib.emb_pack(_ptr(x), dt, n, d, dp, None, 1.0, _ptr(packed),
                                                           r[0], r[1], None))
     return _Prepared(packed, dp, hist_hi=hist_hi)
 
