@@ -72,7 +72,7 @@ static void make_matrix(float *x, int64_t n, int64_t d, int kind) {
 }
 
 static void engine(const float *x, int64_t n, int64_t d, uint64_t *he, uint64_t *hc, uint64_t *hl) {
-    const int64_t dp = d > 0 ? ((d + GBLK - 1) / GBLK) * GBLK : GBLK, npan = (n + PW - 1) / PW;
+    const int64_t dp = d > 0 ? ((d + GCH - 1) / GCH) * GCH : GCH, npan = (n + PW - 1) / PW;
     float *packed = (float *)aligned_alloc(64, sizeof(float) * (size_t)(npan * dp * PW + 64));
     double *norms = (double *)calloc((size_t)(npan * PW), sizeof(double));
     double *rn = (double *)calloc((size_t)(npan * PW), sizeof(double));
@@ -90,7 +90,7 @@ static void engine(const float *x, int64_t n, int64_t d, uint64_t *he, uint64_t 
         for (int64_t j = 0; j < i; j++) if (same_row(x, d, i, j)) { groups[i] = groups[j]; break; }
     }
     const double u = 0x1p-24, e53 = 0x1p-53, gam = GBOUND * u / (1 - GBOUND * u);   /* gamma_(chain + log2 chains): the chains summed pairwise */
-    const double prm[8] = {2 * gam + 2.02 * (double)(dp / GBLK) * e53 + 1.02 * 2 * e53, 1.01 * (double)(d + 1) * e53 + 2 * e53,
+    const double prm[8] = {2 * gam + 2.02 * (double)((dp + GBLK - 1) / GBLK) * e53 + 1.02 * 2 * e53, 1.01 * (double)(d + 1) * e53 + 2 * e53,
                            (double)dp * 0x1p-148, 1.0 / (2 * 1.5e-6), u * (1 + 2 * u), sqrt((double)d) * 0x1p-149,
                            3e-7 * 3e-7, ldexp(1.0, 2 * e)};
     for (int kind = 0; kind < 3; kind++) {

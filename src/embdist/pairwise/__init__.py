@@ -83,9 +83,9 @@ CPU (default when the native kernels build): ``kernels.c`` driven from Python th
   + (d/32) 2**-53 sum|a_k b_k| + d 2**-150 (underflow), and sum|a_k b_k| <= |a||b|
   (Cauchy-Schwarz).  Adding the float64 roundings of the norms and of |a|^2+|b|^2-2G gives
   a bound E = c1 |a||b| + c2 (|a|^2+|b|^2) + c3 on the error of d^2, c1 ~ 2 gamma_17 = 2.0e-6.
-  The avx2 tier sums 8 chains per float64 flush, pairwise (a quarter of the flushes; its 16
-  registers make the flush a tenth of the work): each product then passes 16 + 3 roundings,
-  gamma_19, c1 ~ 2.3e-6; the tier reports m (``_cpu.gram_shape``) and the constants follow it.
+  The avx2 tier sums 16 chains per float64 flush, pairwise (an eighth of the flushes; with
+  its 16 registers the flush is costly): each product then passes 16 + 4 roundings, gamma_20,
+  c1 ~ 2.4e-6; the tier reports m (``_cpu.gram_shape``) and the constants follow it.
   The relative error of d = sqrt(d^2) is <= E / (2 d^2), so every pair with
   d^2 <= E / (2 * 1.5e-6) -- roughly: centred cosine > 0.66 -- is recomputed directly:
   float64 sum of float64 squared differences of the original rows (relative error

@@ -133,10 +133,10 @@ def gram_shape(lib) -> tuple[int, int, int]:
 
 
 def padded_depth(lib, d: int) -> int:
-    """d rounded up to whole float64 flushes of the tier's gram (padding adds exact zeros)."""
-    ch, nch, _ = gram_shape(lib)
-    blk = ch * nch
-    return max(blk, -(-d // blk) * blk)
+    """d rounded up to whole float32 chains of the tier's gram (padding adds exact zeros; the
+    last float64 flush of a row may hold fewer chains)."""
+    ch, _, _ = gram_shape(lib)
+    return max(ch, -(-d // ch) * ch)
 
 
 def pack(lib, x: torch.Tensor, mu: torch.Tensor | None, scale: float, want_norms: bool):
@@ -173,13 +173,13 @@ def n_items(n: int) -> int:
 
 # Bound constants of the native GEMM (see the package docstring, "Euclidean error bound").
 # The gram's float32 part errs by gamma_m sum|a_k b_k| per flush, m = chain + log2(chains) (the
-# chains are summed pairwise: 17 for 2 chains of 16, 19 for avx2's 8): the library reports m.
+# chains are summed pairwise: 17 for 2 chains of 16, 20 for avx2's 16): the library reports m.
 def euclid_params(lib, d: int, dp: int, inv_scale2: float) -> np.ndarray:
     u = C.U32
     e = C.U64
     ch, nch, m = gram_shape(lib)
     gm = m * u / (1.0 - m * u)
-    nblk = dp // (ch * nch)
+    nblk = -(-dp // (ch * nch))        # float64 flushes per pair
     c1 = 2.0 * gm + 2.02 * nblk * e + 1.02 * 2.0 * e
     c2 = 1.01 * (d + 1) * e + 2.0 * e
     c3 = dp * 2.0 ** -148

@@ -29,7 +29,7 @@
  *
  * Arithmetic contract (identical on every tier unless said otherwise):
  *  - gram:  per GBLK = GNCH * 16 products GNCH float32 chains of 16 multiply-adds from zero
- *           (k0..k0+15, k0+16..k0+31, ...; GNCH = 2, avx2 8: simd_avx2.h says why), summed
+ *           (k0..k0+15, k0+16..k0+31, ...; GNCH = 2, avx2 16: simd_avx2.h says why), summed
  *           pairwise in float32 (GLOG = log2 GNCH levels), then added to a float64 accumulator (the
  *           widening conversion and add spelled per ISA by VACC_F64 where the tier has it: the
  *           same values).  A chain
@@ -37,7 +37,8 @@
  *           avx2, neon: 16 roundings per term at most) or a rounded multiply and a rounded add
  *           (portable: the product's rounding plus at most 15 additions, the first addition to
  *           0 being exact), so |fl(G) - G| <= gamma_(16 + GLOG) sum|a_k b_k| + O(2^-53) (gamma_17,
- *           avx2 gamma_19: the tier reports it, emb_gram_shape, and Python's bound uses it);
+ *           avx2 gamma_20: the tier reports it, emb_gram_shape, and Python's bound uses it; the
+ *           last block of a row may hold fewer chains, so d is padded to whole chains only);
  *           underflow: one multiplication (or FMA) per product may err by 2^-150 absolutely,
  *           additions of subnormals are exact, which c3 = dp 2^-148 covers.  The values differ
  *           in the last bits between tiers; the proven bound (for the tier's shape) and the
@@ -99,7 +100,7 @@
 #if GLOG < 0
 #error "GNCH must be 1, 2, 4, 8 or 16"
 #endif
-#define GBLK (GCH * GNCH)   /* gram: products per float64 flush */
+#define GBLK (GCH * GNCH)   /* gram: products per float64 flush (the last of a row may be shorter) */
 #define GBOUND (GCH + GLOG) /* gram: the float32 part errs by <= gamma_GBOUND sum|a_k b_k| per flush */
 #define GNC (GNV * VW)   /* gram: columns per tile */
 #ifndef GREM_NV
@@ -367,27 +368,34 @@ EMB_INLINE void gram_chain(const float *ak, const float *bk, vf c[GMR][GNVMAX], 
     TILE_STEPS(16, GCH, R, NV, ak, bk, c[r][v] = vmac(c[r][v], s, bv[v]))
 }
 
-/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < NV * VW; kc % GBLK == 0.
- * Per GBLK products: GNCH chains of GCH, each from zero, summed pairwise in float32 as they
- * come (a binary counter: chain q merges with the parked sums of the 1, 2, 4, ... chains before
- * it while bit l of q is set), so every product passes GCH + GLOG roundings and the sum is added
- * to the float64 tile once: |fl(block) - block| <= gamma_GBOUND sum|a_k b_k| (see the header).
- * Pairwise, 8 chains per flush cost the bound of 4 chains added one by one. */
+/* C[r][c] (float64, ldc) += sum_k a[k*PW + r] * b[k*PW + c], r < R, c < NV * VW; kc % GCH == 0.
+ * Per block of GBLK products (the last one of kc may be shorter): its nq <= GNCH chains of GCH,
+ * each from zero, summed pairwise in float32 as they come (a binary counter: chain q merges with
+ * the parked sums of the 1, 2, 4, ... chains before it while bit l of q is set; a short block's
+ * leftover parked sums are added at the end), so every product passes at most GCH + GLOG
+ * roundings, and the block's sum is added to the float64 tile once:
+ * |fl(block) - block| <= gamma_GBOUND sum|a_k b_k| (see the header).  Pairwise, 8 chains cost the
+ * bound of 4 added one by one, 16 one more rounding. */
 EMB_INLINE void gram_tile_r(const float *a, const float *b, int64_t kc, double *C, int64_t ldc, const int R,
                             const int NV) {
     for (int64_t k0 = 0; k0 < kc; k0 += GBLK) {
+        const int nq = kc - k0 >= GBLK ? GNCH : (int)((kc - k0) / GCH);
         vf park[GLOG > 0 ? GLOG : 1][GMR][GNVMAX], c[GMR][GNVMAX];
+        int l = 0;
         EMB_PRAGMA(GCC unroll 1)      /* one copy of the chain: unrolled, 8 chains overflow the uop cache */
-        for (int q = 0; q < GNCH; q++) {
+        for (int q = 0; q < nq; q++) {
             gram_chain(a + (k0 + q * GCH) * PW, b + (k0 + q * GCH) * PW, c, R, NV);
-            int l = 0;
-            for (; (q >> l) & 1; l++)
+            for (l = 0; (q >> l) & 1; l++)
                 for (int r = 0; r < R; r++)
                     for (int v = 0; v < NV; v++) c[r][v] = park[l][r][v] + c[r][v];
-            if (q < GNCH - 1)
+            if (q < nq - 1)
                 for (int r = 0; r < R; r++)
                     for (int v = 0; v < NV; v++) park[l][r][v] = c[r][v];
         }
+        for (l = l + 1; l < GLOG; l++)      /* a short block: the sums parked above c's level */
+            if ((nq >> l) & 1)
+                for (int r = 0; r < R; r++)
+                    for (int v = 0; v < NV; v++) c[r][v] = park[l][r][v] + c[r][v];
         for (int r = 0; r < R; r++)
             for (int v = 0; v < NV; v++) vacc_f64(C + r * ldc + v * VW, c[r][v]);
     }
@@ -428,6 +436,9 @@ static inline void l1_tile(const float *a, const float *b, int64_t kc, double *C
  * columns [c0, c0 + nc) (c0 % PW == 0).  Only pairs j > i are stored (plus mirror).
  * C: nrp*PW x ncp*PW tile (ldc = ncp*PW), zeroed here. */
 #define KC 256
+#if KC % GBLK
+#error "KC must be whole gram blocks (only the last block of a row is short, see euclid_params)"
+#endif
 enum { K_GRAM, K_CHEB, K_L1 };
 
 EMB_INLINE void tiles(const int kind, const float *packed, int64_t dp, int64_t r0, int64_t nrp, int64_t c0,

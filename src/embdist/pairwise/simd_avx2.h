@@ -11,12 +11,13 @@ typedef __m256 vf;
 #define GMR 6
 #endif
 #define GNV 2
-/* 8 chains of 16 per float64 flush, summed pairwise (bound gamma_19, as 4 chains added one by
- * one; see kernels.c): with 16 registers the flush (widening conversions, float64 adds) is a
- * tenth of a 32-product block; 4 chains one by one measured 1-8% faster than 2 here, end to
- * end, and 8 pairwise 3-4% faster again (engine blocks, A/B batch by batch); avx512 keeps 2 */
+/* 16 chains of 16 per float64 flush, summed pairwise (bound gamma_20; 4 added one by one were
+ * gamma_19; see kernels.c): with 16 registers the flush (widening conversions, float64 adds, the
+ * C tile from L2) is costly; A/B batch by batch on the engine's blocks here: 4 chains one by one
+ * 1-8% faster than 2, 8 pairwise 5% faster again, 16 pairwise 2.5% more (one flush per KC);
+ * avx512 keeps 2 */
 #ifndef GNCH
-#define GNCH 8
+#define GNCH 16
 #endif
 #ifndef GREM_NV
 #define GREM_NV 4  /* the 2 rows left in a panel: one 2 x 32 tile (8 accumulators, not 2 x 4) */
