@@ -239,3 +239,40 @@ def test_row_hash_and_nan_rows_match_their_reference_formulas():
             for v in (float("nan"), float("inf"), -float("inf")):
                 f[torch.randint(0, f.numel(), (3,), generator=g)] = v
             assert np.array_equal(rows._nan_rows(x), x.isnan().reshape(shape[:-1] + (-1,)).any(-1).numpy())
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_centring_scale_matches_a_float32_brute_force(tier, restore_tier):
+    """The engine's centring (one pass: column sums, mins and maxes) gives the column means and
+    max |fl(x - mu)| of a float32 brute force over every element, NaN ignored, inf included."""
+    from embdist.pairwise import _cpu
+    P.use_kernels(tier)
+    lib = _native.load()
+    rng = np.random.default_rng(7)
+    for trial in range(24):
+        n, d = int(rng.integers(1, 200)), int(rng.integers(1, 70))
+        a = rng.normal(0, 10.0 ** int(rng.integers(-30, 30)), (n, d)).astype(np.float32)
+        if trial % 3 == 1:
+            for _ in range(3):
+                a[rng.integers(n), rng.integers(d)] = rng.choice([np.nan, np.inf, -np.inf])
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.from_numpy(a).to(dt).contiguous()
+            mu, mx = _cpu.centre(lib, x)
+            xf = x.float().numpy()
+            with np.errstate(all="ignore"):
+                ref_mu = (xf.astype(np.float64).sum(0) / n).astype(np.float32)
+                ref = float(np.fmax.reduce(np.abs(xf - ref_mu).ravel(), initial=0.0))
+            assert np.array_equal(mu.numpy(), ref_mu, equal_nan=True), (tier, trial, dt)
+            assert mx == ref or (np.isnan(mx) and np.isnan(ref)), (tier, trial, dt, mx, ref)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_half_inputs_read_as_stored_equal_their_float32_copy(tier, restore_tier):
+    """The native path reads bf16 / fp16 as stored (no float32 copy): every metric gives the
+    bits of the same values passed as float32."""
+    P.use_kernels(tier)
+    x = planted(90, 37)
+    for dt in (torch.bfloat16, torch.float16):
+        xh = x.to(dt)
+        for m in ("euclidean", "sqeuclidean", "cosine", "chebyshev", "manhattan"):
+            assert torch.equal(P.pairwise(xh, m, device="cpu"), P.pairwise(xh.float(), m, device="cpu")), (tier, dt, m)

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SRC = HERE / "kernels.c"
 SOURCES = ("kernels.c", "kernels_stream.c", "kernels_dynamics.c", "simd_avx512.h", "simd_avx2.h", "simd_neon.h", "simd_portable.h")
-ABI = 11                                  # bump when the C signatures change
+ABI = 12                                  # bump when the C signatures change
 TIERS = ("avx512", "avx2", "neon", "portable")          # best first
 CHOICES = ("auto",) + TIERS + ("torch",)
 TIER_CODES = {"portable": 0, "avx2": 1, "avx512": 2, "neon": 3}   # EMB_TIER in kernels.c
@@ -243,8 +243,7 @@ _SIGS = {
     "emb_snap_euclid": ([_P, _I, _I, _I, _I, _I, _I, _I, _I], None),
     "emb_snap_cheb": ([_P, _I, _I, _I, _I, _I, _I, _I, _I], None),
     "emb_hist_upper": ([_P, _I, _I, _I, _I, _I, _I, _I, _P, _P], None),
-    "emb_col_sums": ([_P, _I, _I, _I, _I, _I, _P], None),
-    "emb_centred_absmax": ([_P, _I, _I, _I, _P, _I, _I], _D),
+    "emb_col_sums": ([_P, _I, _I, _I, _I, _I, _P, _P, _P], None),
 }
 
 

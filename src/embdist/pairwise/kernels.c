@@ -56,7 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EMB_ABI 11
+#define EMB_ABI 12
 #define PW 32      /* panel width: rows per packed panel (and columns per panel tile) */
 #define FLUSH 16   /* fp32 terms per float64 flush in the l1 / snapshot kernels */
 #define GCH 16     /* gram: multiply-adds per float32 chain */
@@ -214,38 +214,28 @@ static inline uint64_t mix64(uint64_t z) {
     z ^= z >> 33; return z;
 }
 
-/* ------------------------------------------------------------------ centring helpers */
-void emb_col_sums(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc) {
-    (void)n;
-    DT_DISPATCH(dt, for (int64_t i = r0; i < r1; i++)
-                        for (int64_t k = 0; k < d; k++) acc[k] += (double)ld_f32(x, DT, i * d + k));
-}
-
-/* max |fl(x - mu)| over rows [r0, r1), x in its stored dtype; 8 lanes (a > m ? a : m ignores
- * NaN in every lane, so the lanes change the speed, not the result) */
-EMB_INLINE double centred_absmax_t(const void *x, const int dt, int64_t d, const float *mu, int64_t r0, int64_t r1) {
-    float m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+/* ------------------------------------------------------------------ centring helpers
+ * acc[k] += float64 sum of column k over rows [r0, r1); where cmin / cmax are given, also the
+ * column's min / max (NaN ignored): fl(x - mu) is monotone in x, so max |fl(x - mu)| over a
+ * column is reached at its min or max and the centring scale needs no second pass */
+EMB_INLINE void col_sums_t(const void *x, const int dt, int64_t d, int64_t r0, int64_t r1, double *acc,
+                           float *cmin, float *cmax) {
     for (int64_t i = r0; i < r1; i++) {
-        int64_t k = 0;
-        for (; k + 8 <= d; k += 8)
-            for (int l = 0; l < 8; l++) {
-                const float a = fabsf(ld_f32(x, dt, i * d + k + l) - mu[k + l]);
-                m[l] = a > m[l] ? a : m[l];
+        if (cmin)
+            for (int64_t k = 0; k < d; k++) {
+                const float v = ld_f32(x, dt, i * d + k);
+                acc[k] += (double)v;
+                cmin[k] = v < cmin[k] ? v : cmin[k];
+                cmax[k] = v > cmax[k] ? v : cmax[k];
             }
-        for (; k < d; k++) {
-            const float a = fabsf(ld_f32(x, dt, i * d + k) - mu[k]);
-            m[0] = a > m[0] ? a : m[0];
-        }
+        else
+            for (int64_t k = 0; k < d; k++) acc[k] += (double)ld_f32(x, dt, i * d + k);
     }
-    float r = 0.0f;
-    for (int l = 0; l < 8; l++) r = m[l] > r ? m[l] : r;
-    return (double)r;
 }
-double emb_centred_absmax(const void *x, int64_t dt, int64_t n, int64_t d, const float *mu, int64_t r0, int64_t r1) {
+void emb_col_sums(const void *x, int64_t dt, int64_t n, int64_t d, int64_t r0, int64_t r1, double *acc,
+                  float *cmin, float *cmax) {
     (void)n;
-    double r;
-    DT_DISPATCH(dt, r = centred_absmax_t(x, DT, d, mu, r0, r1));
-    return r;
+    DT_DISPATCH(dt, col_sums_t(x, DT, d, r0, r1, acc, cmin, cmax));
 }
 
 /* ------------------------------------------------------------------ packing

@@ -33,7 +33,7 @@ def _prepare(lib, x: torch.Tensor, metric: str, pack: bool = True) -> _Prepared:
     chunks = _chunks(n)
     sums = [np.zeros(d) for _ in chunks]
     _cpu.run_parallel(list(range(len(chunks))), lambda c: lib.emb_col_sums(
-        _ptr(x), dt, n, d, chunks[c][0], chunks[c][1], _ptr(sums[c])))
+        _ptr(x), dt, n, d, chunks[c][0], chunks[c][1], _ptr(sums[c]), None, None))
     total = np.zeros(d)
     for s in sums:                      # fixed order
         total += s
