@@ -105,20 +105,26 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+PREP_ROWS = 4096   # rows per preparation chunk: fixed, so the results do not depend on the threads
+
+
+def prep_chunks(n: int, step: int = PREP_ROWS) -> list[tuple[int, int]]:
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
 def centre(lib, x: torch.Tensor):
     """Column means (float64 sums, rounded to float32) and max |fl(x - mu)|, in one pass in C on
     the threads (the max from each column's min and max: fl(x - mu) is monotone in x); x (N, d)
     contiguous on the CPU in its stored dtype (float32, bfloat16 or float16)."""
     n, d = x.shape
     dt = C.DTYPE_CODES[x.dtype]
-    step = max(1, -(-n // (4 * n_threads())))
-    ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
+    ranges = prep_chunks(n)
     parts = [(np.zeros(d, dtype=np.float64), np.full(d, np.inf, dtype=np.float32),
               np.full(d, -np.inf, dtype=np.float32)) for _ in ranges]
     run_parallel(list(range(len(ranges))),
                  lambda k: lib.emb_col_sums(_ptr(x), dt, n, d, ranges[k][0], ranges[k][1], *map(_ptr, parts[k])))
     with np.errstate(invalid="ignore", over="ignore"):      # inf / NaN columns: mu inf or NaN
-        mu = (np.sum([p[0] for p in parts], axis=0) / n).astype(np.float32)
+        mu = (np.sum([p[0] for p in parts], axis=0) / n).astype(np.float32)   # chunks in order
         lo = np.fmin.reduce([p[1] for p in parts])
         hi = np.fmax.reduce([p[2] for p in parts])
         dev = np.fmax(np.abs(lo - mu), np.abs(hi - mu))     # float32 subtractions, as fl(x - mu)

@@ -56,7 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EMB_ABI 12
+#define EMB_ABI 13
 #define PW 32      /* panel width: rows per packed panel (and columns per panel tile) */
 #define FLUSH 16   /* fp32 terms per float64 flush in the l1 / snapshot kernels */
 #define GCH 16     /* gram: multiply-adds per float32 chain */
@@ -446,11 +446,11 @@ EMB_INLINE void tiles(const int kind, const float *packed, int64_t dp, int64_t r
                     const float *a = packed + (r0 / PW + rp) * dp * PW + pc * PW;
                     for (int s = 0; s < PW; s += mr) {
                         const int64_t off = (rp * PW + s) * ldc + cp * PW + cs;
+                        const int rem = kind == K_GRAM && s + GMR > PW;   /* GREM_NV * VW columns from cs */
                         /* a tile whose columns all lie at or left of its first row holds no pair
                          * j > i (the epilogues read only those): skipped, 1.5% of the work */
-                        const int ncols = kind == K_GRAM && s + GMR > PW ? GREM_NV * VW : nc;
-                        if (c0 + cp * PW + cs + ncols - 1 <= r0 + rp * PW + s) continue;
-                        if (kind == K_GRAM && s + GMR > PW) {   /* GREM_NV * VW columns from cs */
+                        if (c0 + cp * PW + cs + (rem ? GREM_NV * VW : nc) - 1 <= r0 + rp * PW + s) continue;
+                        if (rem) {
                             if (cs % (GREM_NV * VW) == 0) gram_tile_rem(a + s, b, kc, (double *)C + off, ldc);
                         }
                         else if (kind == K_GRAM) gram_tile(a + s, b, kc, (double *)C + off, ldc);

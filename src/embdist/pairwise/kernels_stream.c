@@ -73,20 +73,16 @@ static inline double st_exact(const void *x, int dt, int64_t d, int64_t metric, 
 }
 
 /* ------------------------------------------------------------------ preparation */
-/* out[0] = max |fl(x - mu)| (0 without mu: max |x|), out[1] = max_i sqrt(sum_k (x_ik - mu_k)^2)
- * (float64), out[2] = max_i max_k |x_ik - mu_k| (float64) */
+/* out[0] = max_i sqrt(sum_k (x_ik - mu_k)^2), out[1] = max_i max_k |x_ik - mu_k| (float64; mu
+ * may be NULL); the centring itself (mu, max |fl(x - mu)|) is the engine's (_cpu.centre) */
 void emb_stream_extent(const void *x, int64_t dt, int64_t n, int64_t d, const float *mu, int64_t r0, int64_t r1,
                        double *out) {
     (void)n;
-    float m = 0.0f;
     double mn = 0.0, mc = 0.0;
     for (int64_t i = r0; i < r1; i++) {
         double s = 0.0;
         for (int64_t k = 0; k < d; k++) {
             float v = ld_f32(x, (int)dt, i * d + k);
-            float c = mu ? v - mu[k] : v;
-            float a = fabsf(c);
-            m = a > m ? a : m;
             double e = (double)v - (mu ? (double)mu[k] : 0.0);
             s += e * e;
             double ae = fabs(e);
@@ -95,7 +91,7 @@ void emb_stream_extent(const void *x, int64_t dt, int64_t n, int64_t d, const fl
         s = sqrt(s);
         mn = s > mn ? s : mn;
     }
-    out[0] = (double)m; out[1] = mn; out[2] = mc;
+    out[0] = mn; out[1] = mc;
 }
 
 /* one step of the stored format at |v|: ulp of v (the smallest subnormal for 0 / subnormals) */

@@ -10,11 +10,10 @@ import torch
 from embdist.errors import InputError
 
 from .. import _common as C
-from .. import _native
+from .. import _cpu, _native
 
 STREAM_METRICS = ("euclidean", "chebyshev")
 DT_CODES = C.DTYPE_CODES
-_CHUNK = 4096          # rows per preparation chunk (fixed: results must not depend on threads)
 
 
 class _State(ctypes.Structure):
@@ -74,6 +73,5 @@ def _check_x(x) -> torch.Tensor:
     return x.detach().contiguous()
 
 
-def _chunks(n: int, step: int = _CHUNK):
-    return [(s, min(n, s + step)) for s in range(0, n, step)]
+_chunks = _cpu.prep_chunks
 

@@ -30,19 +30,14 @@ class _Prepared:
 def _prepare(lib, x: torch.Tensor, metric: str, pack: bool = True) -> _Prepared:
     n, d = x.shape
     dt = DT_CODES[x.dtype]
+    mu_t, xc_max = _cpu.centre(lib, x)             # the engine's centring: the same mu and scale
+    mu = mu_t.numpy()
     chunks = _chunks(n)
-    sums = [np.zeros(d) for _ in chunks]
-    _cpu.run_parallel(list(range(len(chunks))), lambda c: lib.emb_col_sums(
-        _ptr(x), dt, n, d, chunks[c][0], chunks[c][1], _ptr(sums[c]), None, None))
-    total = np.zeros(d)
-    for s in sums:                      # fixed order
-        total += s
-    mu = (total / n).astype(np.float32)
-    ext = [np.zeros(3) for _ in chunks]
+    ext = [np.zeros(2) for _ in chunks]
     _cpu.run_parallel(list(range(len(chunks))), lambda c: lib.emb_stream_extent(
         _ptr(x), dt, n, d, _ptr(mu), chunks[c][0], chunks[c][1], _ptr(ext[c])))
     ext = np.max(ext, axis=0)
-    hi = 2.0 * (ext[1] if metric == "euclidean" else ext[2])
+    hi = 2.0 * (ext[0] if metric == "euclidean" else ext[1])
     hist_hi = hi * (1 + 1e-6) if hi > 0 else 1.0
     if not pack:
         return _Prepared(torch.empty(16), 0, hist_hi=hist_hi)
@@ -54,8 +49,8 @@ def _prepare(lib, x: torch.Tensor, metric: str, pack: bool = True) -> _Prepared:
     pans = [(p, min(npan, p + step)) for p in range(0, npan, step)]
     if metric == "euclidean":
         e = 0
-        if ext[0] > 0 and math.isfinite(ext[0]):
-            e = max(min(math.frexp(ext[0])[1], 120), -120)
+        if xc_max > 0 and math.isfinite(xc_max):
+            e = max(min(math.frexp(xc_max)[1], 120), -120)
         norms = np.zeros(npan * PW)
         _cpu.run_parallel(pans, lambda r: lib.emb_pack(_ptr(x), dt, n, d, dp, _ptr(mu), 2.0 ** (-e),
                                                               _ptr(packed), r[0], r[1], _ptr(norms)))
