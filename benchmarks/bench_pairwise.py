@@ -10,10 +10,12 @@ EMBDIST_KERNELS=<tier>) and prints every row per tier, with each row's time agai
 tier's.  --issue11: the sizes of issue 11's targets (euclidean 8,192 x 2,560, chebyshev
 2,000 x 2,560, snapshots 5,001 x 128 x 64).
 
-Tier-matched baselines.  torch's X @ X.T is MKL, and MKL picks its own ISA: on this AVX-512 Xeon
-it runs its AVX-512 code, about 2x its AVX2 code (8,192 x 2,560, 2 threads: 1.30 s native,
-2.51 s with MKL_ENABLE_INSTRUCTIONS=AVX2 -- the figure REFERENCE.md measured on the AMD EPYC where
-issue 11's targets were set -- and 8.59 s with SSE4_2).  A tier's target is a statement about a
+Tier-matched baselines.  torch's X @ X.T is MKL, and MKL picks its own code by CPU.  On an
+Intel Xeon with AVX-512 (where sessions 4-6 ran) it runs its AVX-512 code, about 2x its AVX2 code
+(8,192 x 2,560, 2 threads: 1.30 s native, 2.51 s with MKL_ENABLE_INSTRUCTIONS=AVX2, 8.59 s with
+SSE4_2).  On the AMD EPYC (Zen 5) of REFERENCE.md, where issue 11's targets were set, it runs its
+AVX2 code whatever the variable says (2026-12-02: 2.03 s native, 1.98 s AVX2, 1.94 s SSE4_2), so
+there every tier's baseline is MKL's AVX2 code.  A tier's target is a statement about a
 machine of that tier, so with --tiers each tier's child runs with MKL limited to the tier's ISA
 (MKL_ENABLE_INSTRUCTIONS, set before torch is imported, hence one process per tier): avx512 MKL's
 native choice, avx2 AVX2, portable (built for x86-64-v2) SSE4_2.  The table after the rows then

@@ -7,8 +7,8 @@
 --tiers: the benchmark once per kernel tier, each in its own process (EMBDIST_KERNELS=<tier>),
 with the matmul rate measured the way a machine of that tier runs it: MKL limited to the tier's
 ISA (MKL_ENABLE_INSTRUCTIONS before torch is imported: avx512 MKL's native choice, avx2 AVX2,
-portable SSE4_2; on this AVX-512 Xeon the native MKL is ~2x its AVX2 code, see
-bench_pairwise.py).  A summary then gives each tier's time against its tier-matched rate (the
+portable SSE4_2; on an AVX-512 Xeon the native MKL is ~2x its AVX2 code, on the AMD EPYC of
+REFERENCE.md all three run MKL's AVX2 code: see bench_pairwise.py).  A summary then gives each tier's time against its tier-matched rate (the
 target) and against the native MKL rate (measured in a process of its own, for information).
 --native-blas: no MKL limit in the children.
 
@@ -143,12 +143,22 @@ def check(res, planted_groups: bool) -> str:
     return f"13 groups ok, {zero:,} zero pairs, near group of {near[0]:,}"
 
 
+# The ratio target (<= 1.2) is issue 4's for the engine's native tier and issue 11's for avx2; the
+# portable tier has none (issue 11 sets it only a Euclidean target), so its ratio is information.
+UNTARGETED_TIERS = ("portable",)
+
+
+def has_ratio_target(tier: str) -> bool:
+    return tier not in UNTARGETED_TIERS
+
+
 def row(label, n, d, times, rate, rss_mb):
     full = n * n * d / rate
     t = statistics.median(times)
     budget = (2 * n * d * 4) / 2**20 + 512
+    target = "target <= 1.20" if has_ratio_target(pairwise_kernels()) else "info: no target for this tier"
     print(f"{label:<34} {n:>8,} x {d:,}  engine {t:8.1f} s (runs: {', '.join(f'{v:.1f}' for v in times)})  "
-          f"N^2d at mm rate {full:7.1f} s  ratio {t / full:5.2f} (target <= 1.20)  "
+          f"N^2d at mm rate {full:7.1f} s  ratio {t / full:5.2f} ({target})  "
           f"peak RSS {rss_mb:,.0f} MB of {budget:,.0f} MB allowed")
     return t / full, rss_mb <= budget
 
@@ -221,7 +231,7 @@ def main() -> int:
         print(f"  fp32 matmul rate: {r0 / 1e9:.1f} / {r1 / 1e9:.1f} G FMA/s (best of 3, before / after the runs) "
               f"-> {2 * rate / 1e9:.0f} GFLOP/s")
         ratio, mem_ok = row("planted bf16, Euclidean, k=10", a.n, a.d, times, rate, max(rss))
-        ok = ok and ratio <= 1.2 and mem_ok
+        ok = ok and (ratio <= 1.2 or not has_ratio_target(pairwise_kernels())) and mem_ok
         if a.json_out:
             import json
             with open(a.json_out, "w") as f:
@@ -272,13 +282,13 @@ def main_tiers(a) -> int:
         s = _tiers.native_matmul_s(8192, a.d)
         native = 8192 * 8192 * a.d / s if s else None
         print(f"\nsummary: task=vocab engine path, N^2 d multiply-adds at the fp32 matmul rate (target <= 1.20 "
-              f"at the tier-matched rate); native MKL rate "
+              f"at the tier-matched rate; none for portable); native MKL rate "
               + (f"{2 * native / 1e9:.0f} GFLOP/s (own process)" if native else "unavailable"))
         for t, r in res.items():
             full = r["n"] * r["n"] * r["d"] / r["rate"]
             line = (f"  {t:8s} {r['n']:,} x {r['d']:,}  engine {r['t']:7.1f} s  MKL {r['mkl_isa']:7s} "
                     f"{2 * r['rate'] / 1e9:5.0f} GFLOP/s  ratio {r['t'] / full:5.2f} "
-                    f"({'met' if r['t'] / full <= 1.2 else 'MISSED'})")
+                    + (f"({'met' if r['t'] / full <= 1.2 else 'MISSED'})" if has_ratio_target(t) else "(info)  "))
             if native:
                 line += f"  vs native MKL rate: ratio {r['t'] / (r['n'] * r['n'] * r['d'] / native):5.2f} (info)"
             print(line)
