@@ -11,7 +11,8 @@ Tiers (see kernels.c for the one kernel design behind them), best first:
 * ``torch``: no native library, the engine's torch path.
 
 The CPU is detected at load time (``cpu_features``: /proc/cpuinfo on Linux, ``sysctl`` on
-macOS, the machine name elsewhere; nothing fails where /proc is absent) and the best tier it
+macOS, elsewhere on x86-64 the level torch's own dispatch found by CPUID, on ARM64 the machine
+name; nothing fails where /proc is absent) and the best tier it
 runs is picked.  ``EMBDIST_KERNELS=auto|avx512|avx2|neon|portable|torch`` or
 :func:`use_kernels` forces one; a tier the CPU lacks is a one-line ``InputError``.
 If a tier fails to build, ``auto`` tries the next one down; a forced tier falls back to
@@ -108,9 +109,30 @@ def cpu_features() -> frozenset:
             flags.update(_sysctl(name).lower().replace(".", "_").split())
         if "avx1_0" in flags:
             flags.add("avx")
+    if not flags and machine() == "x86_64":
+        flags.update(_torch_x86_flags())
     if machine() == "arm64":
         flags.update(("asimd", "neon"))          # NEON (Advanced SIMD) is mandatory on AArch64
     return frozenset(flags)
+
+
+# torch's CPU dispatch level -> the flags it implies (ATen's DispatchStub: AVX512 needs AVX-512
+# F/DQ/BW/VL and FMA, AVX2 needs AVX2 and FMA; F16C came before AVX2 on every x86 CPU)
+_TORCH_LEVEL_FLAGS = {
+    "avx512": ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
+
+
+def _torch_x86_flags() -> tuple[str, ...]:
+    """Where the OS tells nothing (BSD, Windows, a sandbox without /proc): the x86 level torch's
+    own dispatch found by CPUID (the pytorch/cpuinfo library; ATEN_CPU_CAPABILITY lowers it)."""
+    try:
+        import torch
+        level = str(torch.backends.cpu.get_cpu_capability()).lower()
+    except Exception:        # an old torch without the query: nothing more is known
+        return ()
+    return _TORCH_LEVEL_FLAGS.get(level, ())
 
 
 def _cpu_flags() -> str:
