@@ -3,7 +3,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 import embdist.__main__  # noqa: F401  registers the schema and the embdist.home resolver
 from embdist import config, paths

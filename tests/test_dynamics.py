@@ -3,7 +3,6 @@ step and lattice move is known by construction, and the toy training run against
 brute force over every row pair of every step."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

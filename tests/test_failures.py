@@ -1,6 +1,5 @@
 """Bad input, interruptions and full disks, met as a user meets them: `python -m embdist ...`
 in a subprocess. Each case checks the message, the exit status, the MLflow run and the files."""
-import json
 import os
 import signal
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file

@@ -5,7 +5,6 @@ from math import comb
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

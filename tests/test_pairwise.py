@@ -5,7 +5,6 @@ generic torch path (what CUDA/MPS run, and the CPU fallback when no compiler is 
 """
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np

@@ -4,7 +4,6 @@ override line of a box that holds exactly the selected tokens."""
 import math
 
 import numpy as np
-import pytest
 
 from browser import Page, hammer, need_browser
 from embdist import regions, skyhtml

@@ -2,8 +2,6 @@
 store, real run folder), its outputs checked against independent references: the sky from an
 SVD, the vocabulary read from vocab.txt, reachability one id at a time, the magikarp indicator
 in float64 numpy, and the page opened in headless Chromium."""
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest

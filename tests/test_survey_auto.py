@@ -2,10 +2,8 @@
 [unused*] tokens), and a sweep over bbox.region runs task=vocab on regions 1 and 2; through
 `python -m embdist` with a temporary MLflow sqlite store and hydra.run.dir, the selections
 checked against an independent sky (SVD) and the vocabulary read from vocab.txt."""
-from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.torch import load_file
 
 from conftest import numpy_sky, run_embdist, runs_of

@@ -2,7 +2,6 @@
 references, shards merged bit for bit, and the sharded sweep through real Hydra launchers."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
