@@ -50,6 +50,16 @@ def test_missing_model_path(home, tmp_path):
     fails(home, *CUSTOM, f"model.path={tmp_path / 'nope'}", message="does not exist")
 
 
+def test_unset_model_path_in_a_sweep_names_the_run_after_it(home):
+    """model=custom with no model.path: the job's FAILED run says what is unset in its name
+    (it was 'overdensity:None#0'), and the sweep's parent names that run."""
+    fails(home, "-m", *CUSTOM, message="model.path has no value")
+    (job,) = [r for r in runs_of(home) if r.data.tags.get("embdist.sweep") != "parent"]
+    assert job.info.run_name == "overdensity:<model.path unset>#0"
+    (parent,) = [r for r in runs_of(home) if r.data.tags.get("embdist.sweep") == "parent"]
+    assert parent.info.status == "FAILED" and "overdensity:<model.path unset>#0" in parent.data.tags["error"]
+
+
 def test_folder_without_safetensors(home, tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")

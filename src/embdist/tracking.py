@@ -166,8 +166,9 @@ class RunLog:
 
 
 def _run_name(cfg: DictConfig, job_num: int | None) -> str:
-    subject = cfg.history.name if cfg.task.name == "snapshots" else cfg.model.name
-    name = f"{cfg.task.name}:{subject}"
+    group = "history" if cfg.task.name == "snapshots" else "model"
+    subject = cfg[group].name    # null only when the path is unset too (the run fails, named so)
+    name = f"{cfg.task.name}:{subject if subject is not None else f'<{group}.path unset>'}"
     return name if job_num is None else f"{name}#{job_num}"
 
 
