@@ -1,5 +1,6 @@
 """Bad input, interruptions and full disks, met as a user meets them: `python -m embdist ...`
 in a subprocess. Each case checks the message, the exit status, the MLflow run and the files."""
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,27 @@ def test_unset_model_path_in_a_sweep_names_the_run_after_it(home):
     assert job.info.run_name == "overdensity:<model.path unset>#0"
     (parent,) = [r for r in runs_of(home) if r.data.tags.get("embdist.sweep") == "parent"]
     assert parent.info.status == "FAILED" and "overdensity:<model.path unset>#0" in parent.data.tags["error"]
+
+
+def test_overwrite_leaves_none_of_the_old_runs_other_outputs(home, tmp_path, matrix):
+    """task.overwrite=true into a finished run's folder: the new run's files replace the old ones,
+    the old run's files the new one does not write are removed (the folder never mixes two runs),
+    and a file embdist did not write stays."""
+    folder = tmp_path / "run"
+    args = (*CUSTOM, f"model.path={matrix}", "bbox=all", f"hydra.run.dir={folder}")
+    run_embdist(*args, "metric=both", home=home)
+    assert (folder / "chebyshev_histogram.png").is_file() and (folder / "euclidean_histogram.png").is_file()
+    (folder / "notes.txt").write_text("mine")
+    p = run_embdist(*args, "metric=euclidean", "task.overwrite=true", home=home, check=False)
+    assert p.returncode == 0, p.stderr
+    assert not (folder / "chebyshev_histogram.png").exists()
+    assert (folder / "euclidean_histogram.png").is_file() and (folder / "notes.txt").read_text() == "mine"
+    assert not [k for k in load_file(str(folder / "distances.safetensors")) if "chebyshev" in k]
+    written = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()
+                     and f.relative_to(folder).parts[0] not in (".hydra", "embdist.log", "notes.txt",
+                                                                ".embdist-outputs.json"))
+    assert json.loads((folder / ".embdist-outputs.json").read_text()) == written
+    assert [r.info.status for r in runs_of(home)] == ["FINISHED", "FINISHED"]
 
 
 def test_folder_without_safetensors(home, tmp_path):

@@ -343,7 +343,8 @@ def test_labels_from_the_input_and_finished_folder(launched, data):
     assert len(r.data.tags["embdist.input.sha256"]) == 64
     assert json.loads(load_file_meta(folder / "distances.safetensors"))["model"] == "other-model"
     assert r.data.tags["embdist.pid"].isdigit() and r.data.tags["embdist.host"]
-    assert not list(folder.glob(".embdist*"))  # no staging folder, no lock file after a clean exit
+    # no staging folder, no lock file after a clean exit: only the list of the run's outputs
+    assert [f.name for f in folder.glob(".embdist*")] == [".embdist-outputs.json"]
     p = run_embdist(*CUSTOM, f"model.path={data['good']}", "bbox=all", f"hydra.run.dir={folder}", home=run.home,
                     check=False)
     line = one_line(p.stderr)

@@ -309,7 +309,24 @@ def test_staging_commits_last_and_discards_on_failure(tmp_path):
     assert s.final_path(s.dir / "a.csv") == tmp_path.resolve() / "a.csv"
     assert not (tmp_path / "a.csv").exists()
     s.commit()
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["a.csv", "plots/b.png"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        [outputs.MANIFEST, "a.csv", "plots/b.png"]
+    assert json.loads((tmp_path / outputs.MANIFEST).read_text()) == ["a.csv", "plots/b.png"]
+    # a run that overwrites the folder: the old run's outputs it does not write again go, files
+    # embdist did not write stay, and a manifest naming paths outside the folder is not followed
+    (tmp_path / "notes.txt").write_text("mine")
+    s = outputs.Staging(tmp_path).open()
+    (s.dir / "a.csv").write_text("4")
+    s.commit()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        [outputs.MANIFEST, "a.csv", "notes.txt"]
+    assert (tmp_path / "a.csv").read_text() == "4"
+    (tmp_path / "outside.txt").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / outputs.MANIFEST).write_text(json.dumps(["../outside.txt", str(tmp_path / "notes.txt")]))
+    s = outputs.Staging(tmp_path / "run").open()
+    s.commit()
+    assert (tmp_path / "outside.txt").exists() and (tmp_path / "notes.txt").exists()
     s2 = outputs.Staging(tmp_path / "other").open()
     (s2.dir / "c.csv").write_text("3")
     s2.discard()

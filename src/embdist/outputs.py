@@ -5,10 +5,13 @@ folder inside the run folder, under the files' final names.  Only when the task 
 everything else that can fail has been done are they moved to the run folder, with Ctrl-C and
 SIGTERM held back for the few renames.  A run that fails, is interrupted or is killed leaves no
 file under a final name; a killed run's staging folder carries its pid, so the next embdist
-process removes it (:func:`embdist.liveness.remove_dead_temporaries`).
+process removes it (:func:`embdist.liveness.remove_dead_temporaries`).  The commit lists the
+run's files in ``.embdist-outputs.json``; a later run that overwrites the folder
+(``task.overwrite=true``) removes the listed files it does not write again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,9 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from embdist import atomic
+
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".embdist-staging-"
+# The run folder's list of the files its last committed run wrote (relative paths, JSON): a run
+# that overwrites the folder (task.overwrite=true) removes those it does not write again, so the
+# folder never mixes two runs' outputs; files embdist did not write are never touched.
+MANIFEST = ".embdist-outputs.json"
 
 
 def staging_name(pid: int | None = None) -> str:
@@ -51,18 +60,41 @@ class Staging:
     def files(self) -> list[Path]:
         return sorted(p for p in self.dir.rglob("*") if p.is_file() or p.is_symlink())
 
+    def previous_outputs(self) -> list[str]:
+        """The files (relative paths) the folder's last committed run listed in its manifest."""
+        try:
+            names = json.loads((self.final / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(names, list):
+            return []
+        # only plain relative paths inside the folder (a hand-edited manifest cannot reach out)
+        return [n for n in names if isinstance(n, str) and n and not Path(n).is_absolute()
+                and ".." not in Path(n).parts]
+
     def commit(self) -> list[Path]:
-        """Move every staged file to its final name (signals held back meanwhile)."""
+        """Move every staged file to its final name, remove the outputs of the run this one
+        overwrites that it does not write again, and list the new ones in the manifest (signals
+        held back meanwhile)."""
         moved = self.committed = []
         with _signals_held():
-            for src in self.files():
+            staged = self.files()
+            names = [src.relative_to(self.dir).as_posix() for src in staged]
+            stale = sorted(set(self.previous_outputs()) - set(names))
+            for name in stale:
+                (self.final / name).unlink(missing_ok=True)
+            for src in staged:
                 dst = self.final / src.relative_to(self.dir)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
                 moved.append(dst)
+            atomic.write_bytes(self.final / MANIFEST, json.dumps(names, indent=0).encode())
+            moved.append(self.final / MANIFEST)
             shutil.rmtree(self.dir, ignore_errors=True)
-        if moved:
-            log.info("Committed %d output file(s) to %s", len(moved), self.final)
+        if stale:
+            log.info("Removed %d output file(s) of the overwritten run: %s", len(stale), ", ".join(stale[:10]))
+        if staged:
+            log.info("Committed %d output file(s) to %s", len(staged), self.final)
         return moved
 
     def rollback(self) -> None:
