@@ -383,6 +383,22 @@ def test_sweep_whose_shard_merge_fails_is_failed(home, matrix):
     assert [r.info.status for r in runs if r is not parent] == ["FINISHED"]
 
 
+def test_a_merge_that_cannot_finish_leaves_no_merged_outputs(home, matrix, tmp_path):
+    """The sweep's shard merge stages its outputs: when one cannot be put in place (a folder in
+    the way of groups.csv) the merge fails in one line and merged/ holds none of its files."""
+    sweep = tmp_path / "sweep"
+    (sweep / "merged" / "groups.csv").mkdir(parents=True)
+    (sweep / "merged" / "groups.csv" / "mine.txt").write_text("x")
+    p = run_embdist("-m", "task=vocab", *CUSTOM, f"model.path={matrix}", "shard.count=2", "shard.index=0,1",
+                    f"hydra.sweep.dir={sweep}", home=home, check=False)
+    assert p.returncode == 2, p.stderr
+    assert "cannot put the output" in p.stderr and "groups.csv" in p.stderr and "Traceback" not in p.stderr
+    left = sorted(str(f.relative_to(sweep / "merged")) for f in (sweep / "merged").rglob("*") if f.is_file())
+    assert left == ["groups.csv/mine.txt"], left
+    (parent,) = [r for r in runs_of(home) if r.data.tags.get("embdist.sweep") == "parent"]
+    assert parent.info.status == "FAILED" and "cannot put the output" in parent.data.tags["error"]
+
+
 def test_same_input_gives_bit_identical_outputs(home, matrix):
     for _ in range(2):
         run_embdist(*CUSTOM, f"model.path={matrix}", "bbox=all", "metric=both", home=home)

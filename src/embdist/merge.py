@@ -114,8 +114,33 @@ def merge_paths(paths, out_dir: Path | None = None, rl=None) -> dict:
     for key, files in sorted(groups.items()):
         d = base if len(groups) == 1 else base / key
         log.info("Merging %d shard(s) of run %s into %s", len(files), key, d)
-        out[key] = merge_group(files, d, rl if len(groups) == 1 else _Prefixed(rl, key) if rl else None)
+        out[key] = _merge_staged(files, d, rl if len(groups) == 1 else _Prefixed(rl, key) if rl else None)
     return out
+
+
+def _merge_staged(files: list[Path], out_dir: Path, rl) -> dict:
+    """merge_group into a staging folder of out_dir, committed when every output is written, as
+    a run's outputs are (embdist.outputs): a merge that fails or is stopped leaves nothing under
+    the final names, and a merge into an earlier merge's folder replaces all of its outputs."""
+    from embdist import liveness, outputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    liveness.remove_dead_temporaries(out_dir)        # a killed merge's staging folder
+    staging = outputs.Staging(out_dir).open()
+    base = rl.rl if isinstance(rl, _Prefixed) else rl   # the RunLog records the final paths
+    before = base.staging if base is not None else None
+    if base is not None:
+        base.staging = staging
+    try:
+        summary = merge_group(files, staging.dir, rl)
+        staging.commit()
+    except BaseException:
+        staging.rollback()
+        staging.discard()
+        raise
+    finally:
+        if base is not None:
+            base.staging = before
+    return summary
 
 
 class _Prefixed:

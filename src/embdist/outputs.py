@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from embdist import atomic
+from embdist.errors import InputError, disk_error
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,14 @@ class Staging:
                 (self.final / name).unlink(missing_ok=True)
             for src in staged:
                 dst = self.final / src.relative_to(self.dir)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
+                try:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+                except OSError as e:      # e.g. a folder in the way: the caller rolls back
+                    err = disk_error(e, dst, "moving an output to")
+                    raise (err if err is not e else InputError(
+                        f"cannot put the output {str(dst)!r} in place ({e.strerror}); remove what is "
+                        "there or write to a new folder")) from None
                 moved.append(dst)
             atomic.write_bytes(self.final / MANIFEST, json.dumps(names, indent=0).encode())
             moved.append(self.final / MANIFEST)
