@@ -78,7 +78,7 @@ def test_overwrite_leaves_none_of_the_old_runs_other_outputs(home, tmp_path, mat
     written = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()
                      and f.relative_to(folder).parts[0] not in (".hydra", "embdist.log", "notes.txt",
                                                                 ".embdist-outputs.json"))
-    assert json.loads((folder / ".embdist-outputs.json").read_text()) == written
+    assert json.loads((folder / ".embdist-outputs.json").read_text()) == {"kind": "run", "files": written}
     assert [r.info.status for r in runs_of(home)] == ["FINISHED", "FINISHED"]
 
 

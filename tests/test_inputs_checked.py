@@ -299,9 +299,19 @@ def test_finished_folder_needs_overwrite(tmp_path):
     with pytest.raises(InputError, match="holds a finished run's distances.safetensors; .* task.overwrite=true"):
         liveness.refuse_finished(tmp_path, "hydra.run.dir", overwrite=False)
     liveness.refuse_finished(tmp_path, "hydra.run.dir", overwrite=True)
+    # a committed run whose outputs include none of the tasks' main files (task=survey) is finished too
+    survey = tmp_path / "survey"
+    s = outputs.Staging(survey).open()
+    (s.dir / "regions.csv").write_text("1")
+    s.commit()
+    with pytest.raises(InputError, match=r"holds a finished run's outputs \(.embdist-outputs.json lists them\)"):
+        liveness.refuse_finished(survey, "hydra.run.dir", overwrite=False)
 
 
 def test_staging_commits_last_and_discards_on_failure(tmp_path):
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
     s = outputs.Staging(tmp_path).open()
     (s.dir / "a.csv").write_text("1")
     (s.dir / "plots").mkdir()
@@ -309,28 +319,49 @@ def test_staging_commits_last_and_discards_on_failure(tmp_path):
     assert s.final_path(s.dir / "a.csv") == tmp_path.resolve() / "a.csv"
     assert not (tmp_path / "a.csv").exists()
     s.commit()
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
-        [outputs.MANIFEST, "a.csv", "plots/b.png"]
-    assert json.loads((tmp_path / outputs.MANIFEST).read_text()) == ["a.csv", "plots/b.png"]
-    # a run that overwrites the folder: the old run's outputs it does not write again go, files
-    # embdist did not write stay, and a manifest naming paths outside the folder is not followed
-    (tmp_path / "notes.txt").write_text("mine")
-    s = outputs.Staging(tmp_path).open()
-    (s.dir / "a.csv").write_text("4")
-    s.commit()
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
-        [outputs.MANIFEST, "a.csv", "notes.txt"]
-    assert (tmp_path / "a.csv").read_text() == "4"
-    (tmp_path / "outside.txt").write_text("x")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / outputs.MANIFEST).write_text(json.dumps(["../outside.txt", str(tmp_path / "notes.txt")]))
-    s = outputs.Staging(tmp_path / "run").open()
-    s.commit()
-    assert (tmp_path / "outside.txt").exists() and (tmp_path / "notes.txt").exists()
+    assert files(tmp_path) == [outputs.MANIFEST, "a.csv", "plots/b.png"]
+    assert json.loads((tmp_path / outputs.MANIFEST).read_text()) == {"kind": "run", "files": ["a.csv", "plots/b.png"]}
     s2 = outputs.Staging(tmp_path / "other").open()
     (s2.dir / "c.csv").write_text("3")
     s2.discard()
     assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_an_overwriting_commit_replaces_the_earlier_runs_outputs_and_nothing_else(tmp_path):
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+    def commit(folder, contents, kind="run"):
+        s = outputs.Staging(folder, kind).open()
+        for name, text in contents.items():
+            (s.dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (s.dir / name).write_text(text)
+        return s, s.commit
+
+    run = tmp_path / "run"
+    commit(run, {"a.csv": "1", "plots/b.png": "2"})[1]()
+    (run / "notes.txt").write_text("mine")
+    # the overwriting run writes only a.csv: plots/b.png goes, notes.txt (not embdist's) stays
+    commit(run, {"a.csv": "4"})[1]()
+    assert files(run) == [outputs.MANIFEST, "a.csv", "notes.txt"] and (run / "a.csv").read_text() == "4"
+    # a merge into a run's folder leaves the run's own files alone (another kind of commit)
+    commit(run, {"merged.csv": "5"}, kind="merge")[1]()
+    assert files(run) == [outputs.MANIFEST, "a.csv", "merged.csv", "notes.txt"]
+    # a folder in the way of an output: refused in one line before anything is removed or moved
+    commit(run, {"x.csv": "6"}, kind="merge")  # (staged only)
+    (run / "y.csv").mkdir()
+    s, go = commit(run, {"y.csv": "7"}, kind="merge")
+    with pytest.raises(InputError, match=r"cannot put the output .*y.csv' in place: .* is in the way \(a folder\)"):
+        go()
+    s.rollback()
+    s.discard()
+    assert files(run) == [outputs.MANIFEST, "a.csv", "merged.csv", "notes.txt"]
+    # a hand-edited manifest cannot reach outside the folder, by .. or by an absolute path
+    (tmp_path / "outside.txt").write_text("x")
+    (run / outputs.MANIFEST).write_text(json.dumps(
+        {"kind": "run", "files": ["../outside.txt", str(run / "notes.txt"), "a.csv"]}))
+    commit(run, {}, kind="run")[1]()
+    assert (tmp_path / "outside.txt").exists() and (run / "notes.txt").exists() and not (run / "a.csv").exists()
 
 
 def test_streaming_without_native_kernels_is_the_users_error_with_the_fix():

@@ -199,7 +199,9 @@ def test_cpu_detection_without_proc(monkeypatch):
         assert isinstance(feats, frozenset)
         tiers = _native.available_tiers()
         assert tiers[-1] == "portable"
-        if expected is not None:       # on x86-64 without /proc: torch's CPUID level, same best tier
+        # on x86-64 without /proc: torch's CPUID level, the same best tier (unless the
+        # environment lowers torch's level on purpose)
+        if expected is not None and not os.environ.get("ATEN_CPU_CAPABILITY"):
             assert tiers[0] == expected, (tiers, expected)
     finally:
         monkeypatch.undo()

@@ -227,12 +227,15 @@ def refuse_finished(folder: Path, key: str, overwrite: bool, depth: int = 0) -> 
     folder = Path(folder)
     places = [folder] + (sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
                          if depth and folder.is_dir() else [])
+    from embdist.outputs import MANIFEST
     for place in places:
-        found = [name for name in FINAL_OUTPUTS if (place / name).exists()]
+        # the tasks' main outputs, or the record of any committed run (task=survey writes none of them)
+        found = [name for name in (*FINAL_OUTPUTS, MANIFEST) if (place / name).exists()]
         if found and not overwrite:
-            raise InputError(f"the run folder {str(folder)!r} holds a finished run's "
-                             f"{(place / found[0]).relative_to(folder)}; set {key} to a new folder, "
-                             "or task.overwrite=true to write into it again")
+            what = (place / found[0]).relative_to(folder)
+            what = f"outputs ({what} lists them)" if found[0] == MANIFEST else what
+            raise InputError(f"the run folder {str(folder)!r} holds a finished run's {what}; set {key} to "
+                             "a new folder, or task.overwrite=true to write into it again")
 
 
 def claim_folder(folder: Path, key: str, overwrite: bool, sweep: bool = False) -> None:

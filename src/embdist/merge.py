@@ -125,7 +125,7 @@ def _merge_staged(files: list[Path], out_dir: Path, rl) -> dict:
     from embdist import liveness, outputs
     out_dir.mkdir(parents=True, exist_ok=True)
     liveness.remove_dead_temporaries(out_dir)        # a killed merge's staging folder
-    staging = outputs.Staging(out_dir).open()
+    staging = outputs.Staging(out_dir, kind="merge").open()
     base = rl.rl if isinstance(rl, _Prefixed) else rl   # the RunLog records the final paths
     before = base.staging if base is not None else None
     if base is not None:

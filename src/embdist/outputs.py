@@ -6,8 +6,9 @@ everything else that can fail has been done are they moved to the run folder, wi
 SIGTERM held back for the few renames.  A run that fails, is interrupted or is killed leaves no
 file under a final name; a killed run's staging folder carries its pid, so the next embdist
 process removes it (:func:`embdist.liveness.remove_dead_temporaries`).  The commit lists the
-run's files in ``.embdist-outputs.json``; a later run that overwrites the folder
-(``task.overwrite=true``) removes the listed files it does not write again.
+run's files in ``.embdist-outputs.json`` (which marks the folder as a finished run's); a later
+commit of the same kind that overwrites the folder (``task.overwrite=true``, a re-merge) removes
+the listed files it does not write again.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from embdist.errors import InputError, disk_error
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".embdist-staging-"
-# The run folder's list of the files its last committed run wrote (relative paths, JSON): a run
-# that overwrites the folder (task.overwrite=true) removes those it does not write again, so the
-# folder never mixes two runs' outputs; files embdist did not write are never touched.
+# The folder's record of what its last commit wrote: {"kind": "run" | "merge", "files": [relative
+# paths]}.  A folder holding one is a finished run (liveness.refuse_finished), so a commit meets a
+# manifest of its own kind only when it overwrites that run (task.overwrite=true, or a re-merge):
+# it then removes the listed files it does not write again, so the folder never mixes two runs'
+# outputs; files embdist did not write, and another kind's, are never touched.
 MANIFEST = ".embdist-outputs.json"
-
 
 def staging_name(pid: int | None = None) -> str:
     return f"{STAGING_PREFIX}{os.getpid() if pid is None else pid}"
@@ -39,8 +41,9 @@ def staging_name(pid: int | None = None) -> str:
 class Staging:
     """The staging folder of one run (``RUN_DIR/.embdist-staging-PID``)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, kind: str = "run"):
         self.final = Path(run_dir)
+        self.kind = kind   # "run" (a task's outputs) or "merge" (merged shards): see MANIFEST
         self.dir = self.final / staging_name()
         self.committed: list[Path] = []
 
@@ -62,40 +65,61 @@ class Staging:
         return sorted(p for p in self.dir.rglob("*") if p.is_file() or p.is_symlink())
 
     def previous_outputs(self) -> list[str]:
-        """The files (relative paths) the folder's last committed run listed in its manifest."""
+        """The files (relative paths) of the folder's last commit of this kind, from its manifest;
+        only names that stay inside the folder (a hand-edited manifest cannot reach out)."""
         try:
-            names = json.loads((self.final / MANIFEST).read_text())
+            m = json.loads((self.final / MANIFEST).read_text())
         except (OSError, ValueError):
             return []
-        if not isinstance(names, list):
+        if not isinstance(m, dict) or m.get("kind") != self.kind or not isinstance(m.get("files"), list):
             return []
-        # only plain relative paths inside the folder (a hand-edited manifest cannot reach out)
-        return [n for n in names if isinstance(n, str) and n and not Path(n).is_absolute()
-                and ".." not in Path(n).parts]
+        root = self.final.resolve()
+        out = []
+        for n in m["files"]:
+            if not isinstance(n, str) or not n or Path(n).anchor:   # the manifest holds relative names only
+                continue
+            real = (root / n).resolve()                         # no way out by .. or a symbolic link
+            if real != root and real.is_relative_to(root):
+                out.append(n)
+        return out
+
+    def _check_destinations(self, staged: list[Path]) -> None:
+        """Refuse (one line, before anything is removed or moved) a destination that cannot take
+        its file: a folder where a file goes, or a file where a folder goes."""
+        for src in staged:
+            dst = self.final / src.relative_to(self.dir)
+            blocked = dst if dst.is_dir() and not dst.is_symlink() else next(
+                (p for p in dst.parents if p != self.final and p.is_relative_to(self.final)
+                 and p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise InputError(f"cannot put the output {str(dst)!r} in place: {str(blocked)!r} is in the way "
+                                 f"({'a folder' if blocked == dst else 'a file'}); remove it or write to a new folder")
 
     def commit(self) -> list[Path]:
-        """Move every staged file to its final name, remove the outputs of the run this one
-        overwrites that it does not write again, and list the new ones in the manifest (signals
-        held back meanwhile)."""
+        """Move every staged file to its final name, remove the files of the commit this one
+        overwrites that it does not write again (see MANIFEST), and record the new manifest
+        (signals held back meanwhile).  Destinations are checked first, so a refused commit
+        leaves the earlier run's files as they were."""
         moved = self.committed = []
         with _signals_held():
             staged = self.files()
+            self._check_destinations(staged)
             names = [src.relative_to(self.dir).as_posix() for src in staged]
             stale = sorted(set(self.previous_outputs()) - set(names))
             for name in stale:
-                (self.final / name).unlink(missing_ok=True)
+                old = self.final / name
+                if old.is_file() or old.is_symlink():   # a folder put there since is not ours
+                    self._os(lambda: old.unlink(missing_ok=True), old, "removing")
             for src in staged:
                 dst = self.final / src.relative_to(self.dir)
-                try:
+
+                def move():
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
-                except OSError as e:      # e.g. a folder in the way: the caller rolls back
-                    err = disk_error(e, dst, "moving an output to")
-                    raise (err if err is not e else InputError(
-                        f"cannot put the output {str(dst)!r} in place ({e.strerror}); remove what is "
-                        "there or write to a new folder")) from None
+                self._os(move, dst, "moving an output to")
                 moved.append(dst)
-            atomic.write_bytes(self.final / MANIFEST, json.dumps(names, indent=0).encode())
+            atomic.write_bytes(self.final / MANIFEST,
+                               json.dumps({"kind": self.kind, "files": names}, indent=0).encode())
             moved.append(self.final / MANIFEST)
             shutil.rmtree(self.dir, ignore_errors=True)
         if stale:
@@ -103,6 +127,17 @@ class Staging:
         if staged:
             log.info("Committed %d output file(s) to %s", len(staged), self.final)
         return moved
+
+    @staticmethod
+    def _os(op, path: Path, doing: str) -> None:
+        """An OS call of the commit; its failure is one line (the caller rolls back)."""
+        try:
+            op()
+        except OSError as e:
+            err = disk_error(e, path, doing)
+            raise (err if err is not e else InputError(
+                f"{e.strerror or type(e).__name__} while {doing} {str(path)!r}; remove what is there or "
+                "write to a new folder")) from None
 
     def rollback(self) -> None:
         """Remove what :meth:`commit` moved (the run could not be closed as FINISHED after all)."""
