@@ -397,6 +397,19 @@ def test_a_merge_that_cannot_finish_leaves_no_merged_outputs(home, matrix, tmp_p
     assert left == ["groups.csv/mine.txt"], left
     (parent,) = [r for r in runs_of(home) if r.data.tags.get("embdist.sweep") == "parent"]
     assert parent.info.status == "FAILED" and "cannot put the output" in parent.data.tags["error"]
+    # a merge by hand into a folder another process is merging into (holds its lock) is refused
+    from embdist import liveness
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    lock = liveness.FolderLock(busy)
+    lock.acquire("--out")
+    try:
+        p = subprocess.run([sys.executable, "-m", "embdist.merge", str(sweep), "--out", str(busy), "--no-mlflow"],
+                           capture_output=True, text=True, cwd=home, env={**os.environ, "EMBDIST_HOME": str(home)})
+    finally:
+        lock.lock.release()
+    assert p.returncode == 2 and "is in use by another embdist run" in p.stderr and "--out" in p.stderr, p.stderr
+    assert not [f for f in busy.iterdir() if f.name != ".embdist.lock"]
 
 
 def test_same_input_gives_bit_identical_outputs(home, matrix):

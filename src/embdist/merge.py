@@ -124,6 +124,7 @@ def _merge_staged(files: list[Path], out_dir: Path, rl) -> dict:
     the final names, and a merge into an earlier merge's folder replaces all of its outputs."""
     from embdist import liveness, outputs
     out_dir.mkdir(parents=True, exist_ok=True)
+    liveness.FolderLock.hold(out_dir, "--out")        # a second merge into it meanwhile is refused
     liveness.remove_dead_temporaries(out_dir)        # a killed merge's staging folder
     staging = outputs.Staging(out_dir, kind="merge").open()
     base = rl.rl if isinstance(rl, _Prefixed) else rl   # the RunLog records the final paths
