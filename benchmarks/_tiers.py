@@ -19,6 +19,21 @@ import sys
 # MKL's ISA per tier (None: MKL's own choice, the native one)
 MKL_ISA = {"avx512": None, "avx2": "AVX2", "portable": "SSE4_2"}
 
+# The targets of both benchmarks per tier, in one place.  euclidean: ours / X @ X.T at most;
+# chebyshev, snapshots: speed-up at least; vocab: time / (N^2 d at the matmul rate) at most.
+# A tier not named here (avx512, neon, CUDA) has the engine brief's (issue 4); issue 11 sets
+# avx2's and portable's, and gives portable only the Euclidean one (None: information).
+BRIEF_TARGETS = {"euclidean": 1.0, "chebyshev": 20, "snapshots": 30, "vocab": 1.2}
+TIER_TARGETS = {
+    "avx2": {"euclidean": 0.7, "chebyshev": 15, "snapshots": 30, "vocab": 1.2},
+    "portable": {"euclidean": 3.0, "chebyshev": None, "snapshots": None, "vocab": None},
+}
+
+
+def target(tier: str | None, row: str) -> float | None:
+    """The target of ``row`` for ``tier`` (None: the row is information for that tier)."""
+    return TIER_TARGETS.get(tier, BRIEF_TARGETS)[row]
+
 
 def mkl_label(isa: str | None) -> str:
     return isa or "native"

@@ -75,6 +75,9 @@ import torch
 
 from embdist import pairwise as P
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _tiers  # noqa: E402  (benchmarks/_tiers.py: tier children and the targets per tier)
+
 # REFERENCE.md timings on these machines (2 cores), for the full sizes
 REFERENCE_S = {"X@X.T": 11.7, "cdist": 10.1, "seed_chunked": 2750.0, "cdist_inf_2000": 10.8, "seed_snapshots": 19.0}
 
@@ -252,34 +255,22 @@ def _kernels() -> str:
     return P.active_kernels() if hasattr(P, "active_kernels") else "native"
 
 
-# issue 11's Euclidean targets per tier: ours / X@X.T at most this (the tier-matched X@X.T, see
-# the docstring; portable also against MKL AVX2 in the per-MKL table)
-TIER_LIMITS = {"avx2": 0.7, "portable": 3.0}
-
-
-# speed-up targets (at least this many times the alternative) of the Chebyshev and snapshot rows:
-# the engine's brief (issue 4) on its native tier and CUDA, issue 11 on avx2; none on portable
-# (issue 11 gives that tier only the Euclidean target): its rows are information
-SPEEDUP_TARGETS = {"avx2": {"chebyshev": 15, "snapshots": 30}, "portable": None}
-BRIEF_SPEEDUPS = {"chebyshev": 20, "snapshots": 30}
-
-
 def speedup_target(row: str, dev, speedup: float):
-    """(target text, met or None) of a speed-up row for the tier in use."""
-    tier = _kernels() if dev.type == "cpu" else None
-    goals = SPEEDUP_TARGETS.get(tier, BRIEF_SPEEDUPS)
-    if goals is None:
+    """(target text, met or None) of a speed-up row for the tier in use (_tiers.target)."""
+    goal = _tiers.target(_kernels() if dev.type == "cpu" else None, row)
+    if goal is None:
         return "(info: no target)", None
-    return f">= {goals[row]}x faster", speedup >= goals[row]
+    return f">= {goal}x faster", speedup >= goal
 
 
 def euclid_target(dev):
     """The Euclidean row's target (text, limit on ours / X@X.T) for the tier in use: issue 11's
     per tier, else the engine's own brief."""
     tier = _kernels() if dev.type == "cpu" else None
-    if tier in TIER_LIMITS:
-        return f"<= {TIER_LIMITS[tier]} (issue 11)", TIER_LIMITS[tier]
-    return "<= 1.0 (aim 0.6)", 1.0
+    limit = _tiers.target(tier, "euclidean")
+    if tier in _tiers.TIER_TARGETS:
+        return f"<= {limit} (issue 11)", limit
+    return f"<= {limit} (aim 0.6)", limit
 
 
 def row_cheb(rows, n, d, dev):
@@ -553,7 +544,6 @@ def _tf(v):
 def xxt_table(per: dict, a) -> str:
     """Every tier's Euclidean time against each float32 X @ X.T of this invocation: MKL native
     (from the child that ran it, else a process of its own), AVX2, SSE4_2."""
-    import _tiers
     mm = {}                       # MKL setting -> (X@X.T seconds, where measured)
     size = None
     for t, res in per.items():
@@ -573,7 +563,7 @@ def xxt_table(per: dict, a) -> str:
              "  X@X.T: " + ", ".join(f"MKL {k} {mm[k][0]:.3f} s ({mm[k][1]})" for k in cols)]
     head = f"  {'tier':8s} {'ours s':>8s}" + "".join(f" {'/ MKL ' + k:>14s}" for k in cols) + "  target"
     lines += [head, "  " + "-" * (len(head) - 2)]
-    lim = TIER_LIMITS
+    lim = {t: _tiers.target(t, "euclidean") for t in ("avx2", "portable")}
     targets = {"avx512": "no regression (info)", "avx2": f"<= {lim['avx2']} / MKL AVX2",
                "portable": f"<= {lim['portable']} / MKL AVX2 and / MKL SSE4_2"}
     for t, res in per.items():
@@ -594,8 +584,6 @@ def xxt_table(per: dict, a) -> str:
 def main_tiers(a):
     """--tiers: one child process per tier; a combined table, each row against the first tier."""
     import tempfile
-    sys.path.insert(0, str(Path(__file__).parent))
-    import _tiers
     tiers = _tiers.resolve(a.tiers)
     argv = _tiers.strip_arg(_tiers.strip_arg(sys.argv[1:], "--tiers"), "--json-rows")
     argv = [x for x in argv if x not in ("--blas-like-tier", "--native-blas")] + ["--no-mlflow"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from embdist.errors import InputError
+from embdist.outputs import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,6 @@ def refuse_finished(folder: Path, key: str, overwrite: bool, depth: int = 0) -> 
     folder = Path(folder)
     places = [folder] + (sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
                          if depth and folder.is_dir() else [])
-    from embdist.outputs import MANIFEST
     for place in places:
         # the tasks' main outputs, or the record of any committed run (task=survey writes none of them)
         found = [name for name in (*FINAL_OUTPUTS, MANIFEST) if (place / name).exists()]

@@ -123,9 +123,9 @@ def _merge_staged(files: list[Path], out_dir: Path, rl) -> dict:
     a run's outputs are (embdist.outputs): a merge that fails or is stopped leaves nothing under
     the final names, and a merge into an earlier merge's folder replaces all of its outputs."""
     from embdist import liveness, outputs
-    out_dir.mkdir(parents=True, exist_ok=True)
-    liveness.FolderLock.hold(out_dir, "--out")        # a second merge into it meanwhile is refused
-    liveness.remove_dead_temporaries(out_dir)        # a killed merge's staging folder
+    # as a run claims its folder: locked (a second merge into it meanwhile is refused), a killed
+    # merge's staging folder removed; an earlier merge there is replaced, not refused
+    liveness.claim_folder(out_dir, "--out", overwrite=True)
     staging = outputs.Staging(out_dir, kind="merge").open()
     base = rl.rl if isinstance(rl, _Prefixed) else rl   # the RunLog records the final paths
     before = base.staging if base is not None else None

@@ -34,6 +34,7 @@ STAGING_PREFIX = ".embdist-staging-"
 # outputs; files embdist did not write, and another kind's, are never touched.
 MANIFEST = ".embdist-outputs.json"
 
+
 def staging_name(pid: int | None = None) -> str:
     return f"{STAGING_PREFIX}{os.getpid() if pid is None else pid}"
 
@@ -85,12 +86,13 @@ class Staging:
 
     def _check_destinations(self, staged: list[Path]) -> None:
         """Refuse (one line, before anything is removed or moved) a destination that cannot take
-        its file: a folder where a file goes, or a file where a folder goes."""
+        its file: a folder where a file goes, or a file where one of its folders goes."""
         for src in staged:
-            dst = self.final / src.relative_to(self.dir)
+            rel = src.relative_to(self.dir)
+            dst = self.final / rel
+            folders = [self.final / q for q in rel.parents][:-1]      # between the run folder and dst
             blocked = dst if dst.is_dir() and not dst.is_symlink() else next(
-                (p for p in dst.parents if p != self.final and p.is_relative_to(self.final)
-                 and p.exists() and not p.is_dir()), None)
+                (p for p in folders if p.exists() and not p.is_dir()), None)
             if blocked is not None:
                 raise InputError(f"cannot put the output {str(dst)!r} in place: {str(blocked)!r} is in the way "
                                  f"({'a folder' if blocked == dst else 'a file'}); remove it or write to a new folder")
@@ -109,14 +111,13 @@ class Staging:
             for name in stale:
                 old = self.final / name
                 if old.is_file() or old.is_symlink():   # a folder put there since is not ours
-                    self._os(lambda: old.unlink(missing_ok=True), old, "removing")
+                    with _one_line(old, "removing"):
+                        old.unlink(missing_ok=True)
             for src in staged:
                 dst = self.final / src.relative_to(self.dir)
-
-                def move():
+                with _one_line(dst, "moving an output to"):
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
-                self._os(move, dst, "moving an output to")
                 moved.append(dst)
             atomic.write_bytes(self.final / MANIFEST,
                                json.dumps({"kind": self.kind, "files": names}, indent=0).encode())
@@ -128,17 +129,6 @@ class Staging:
             log.info("Committed %d output file(s) to %s", len(staged), self.final)
         return moved
 
-    @staticmethod
-    def _os(op, path: Path, doing: str) -> None:
-        """An OS call of the commit; its failure is one line (the caller rolls back)."""
-        try:
-            op()
-        except OSError as e:
-            err = disk_error(e, path, doing)
-            raise (err if err is not e else InputError(
-                f"{e.strerror or type(e).__name__} while {doing} {str(path)!r}; remove what is there or "
-                "write to a new folder")) from None
-
     def rollback(self) -> None:
         """Remove what :meth:`commit` moved (the run could not be closed as FINISHED after all)."""
         for p in self.committed:
@@ -147,6 +137,19 @@ class Staging:
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def _one_line(path: Path, doing: str) -> Iterator[None]:
+    """An OS call of the commit: its failure is one line (a full disk as atomic's; the caller
+    rolls back)."""
+    try:
+        yield
+    except OSError as e:
+        err = disk_error(e, path, doing)
+        raise (err if err is not e else InputError(
+            f"{e.strerror or type(e).__name__} while {doing} {str(path)!r}; remove what is there or "
+            "write to a new folder")) from None
 
 
 @contextmanager
